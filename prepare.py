@@ -5,6 +5,7 @@ vocabulary needs it) and meta.json (tokenizer, vocabulary size, dtype, token cou
     python prepare.py openwebtext                    # the paper's corpus (Hugging Face datasets)
     python prepare.py openwebmath                    # the paper's distribution-shift corpus
     python prepare.py text --input 'books/*.txt' --name mybooks [--tokenizer char]
+    python prepare.py topics                         # the built-in corpus, generated offline
 
 Local text: every .txt file is one document, every line of a .jsonl file is a document with a
 "text" field. Empty and non-UTF-8 files are skipped with a warning.
@@ -14,6 +15,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -23,7 +25,8 @@ HF_CORPORA = {"openwebtext": "Skylion007/openwebtext", "openwebmath": "open-web-
 
 
 class Tokenizer:
-    """`gpt2` (tiktoken's BPE, documents end with <|endoftext|>) or `char` (one id per character)."""
+    """`gpt2` (tiktoken's BPE, documents end with <|endoftext|>), `char` (one id per character) or
+    `words` (one id per word with its leading space, and one per other character)."""
 
     def __init__(self, meta):
         self.name = meta["tokenizer"]
@@ -31,33 +34,40 @@ class Tokenizer:
             import tiktoken
             self.enc = tiktoken.get_encoding("gpt2")
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
-        elif self.name == "char":
-            self.chars = meta["chars"]
-            self.stoi = {c: i for i, c in enumerate(self.chars)}
-            self.vocab_size, self.eot = len(self.chars), None
+        elif self.name in ("char", "words"):
+            self.pieces = meta["chars"] if self.name == "char" else meta["words"]
+            self.stoi = {c: i for i, c in enumerate(self.pieces)}
+            self.vocab_size, self.eot = len(self.pieces), None
         else:
-            raise ValueError(f"unknown tokenizer {self.name!r} (known: gpt2, char)")
+            raise ValueError(f"unknown tokenizer {self.name!r} (known: gpt2, char, words)")
 
     def encode(self, text):
         if self.name == "gpt2":
             return self.enc.encode_ordinary(text)
-        unknown = set(text) - self.stoi.keys()
+        pieces = split_words(text) if self.name == "words" else text
+        unknown = set(pieces) - self.stoi.keys()
         if unknown:
-            raise ValueError(f"characters outside this corpus' vocabulary: {''.join(sorted(unknown))!r}")
-        return [self.stoi[c] for c in text]
+            shown = sorted(unknown) if self.name == "words" else "".join(sorted(unknown))
+            raise ValueError(f"{'words' if self.name == 'words' else 'characters'} outside this corpus' vocabulary: {shown!r}")
+        return [self.stoi[p] for p in pieces]
 
     def decode(self, ids):
         if self.name == "gpt2":
             return self.enc.decode(list(ids))
-        return "".join(self.chars[i] for i in ids)
+        return "".join(self.pieces[i] for i in ids)
 
     def meta(self):
         meta = {"tokenizer": self.name, "vocab_size": self.vocab_size, "dtype": token_dtype(self.vocab_size).__name__}
-        if self.name == "char":
-            meta["chars"] = self.chars
-        else:
+        if self.name == "gpt2":
             meta["eot_token"] = self.eot
+        else:
+            meta["chars" if self.name == "char" else "words"] = self.pieces
         return meta
+
+
+def split_words(text):
+    """Words with their leading space, and every other character alone: joined, the text again."""
+    return re.findall(r" ?[A-Za-z]+|[^A-Za-z]", text)
 
 
 def token_dtype(vocab_size):
@@ -69,7 +79,7 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         name = os.path.basename(os.path.normpath(data_dir))
-        how = f"python prepare.py {name}" if name in HF_CORPORA else f"python prepare.py text --input '...' --name {name}"
+        how = f"python prepare.py {name}" if name in (*HF_CORPORA, "topics") else f"python prepare.py text --input '...' --name {name}"
         raise FileNotFoundError(f"no prepared data in {data_dir} (missing meta.json): run `{how}` first")
     with open(path) as f:
         return json.load(f)
@@ -164,15 +174,121 @@ def prepare_text(args):
     save(os.path.join(args.data_root, args.name), tok, splits, source=args.input)
 
 
-def save(out_dir, tok, splits, source):
+def save(out_dir, tok, splits, source, extra=(), **meta_fields):
+    """Token splits as {split}.bin, `extra` arrays as {name}.bin, then meta.json with `meta_fields`."""
     start_output(out_dir)
-    meta = tok.meta()
-    meta["source"] = source
+    meta = {**tok.meta(), "source": source, **meta_fields}
     for split, arr in splits.items():
         write_tokens(os.path.join(out_dir, f"{split}.bin"), [arr], len(arr), arr.dtype, split)
         meta[f"{split}_tokens"] = len(arr)
+    for name, arr in dict(extra).items():
+        write_tokens(os.path.join(out_dir, f"{name}.bin"), [arr], len(arr), arr.dtype, name)
     write_meta(out_dir, meta)  # last: a folder with meta.json is complete
     print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, vocabulary {tok.vocab_size}")
+
+
+# The built-in corpus: topics with their own words over shared function words and grammar. A topic
+# holds for a paragraph and changes between paragraphs with probability `switch`; each document
+# introduces one of N_NAMES made-up names and every paragraph opens with it (a dependency beyond the
+# local words). Word tokens: the structure is learnt in minutes on a CPU, and so is steering's effect.
+TOPICS = {
+    "sea": "ship sail wave harbor anchor sailor island tide shore captain deck mast reef gull current "
+           "lighthouse sailed rowed anchored swam dove floated steered capsized salty stormy deep coastal tidal "
+           "foamy briny nautical",
+    "farm": "cow barn field tractor farmer wheat plow hay pig orchard harvest fence goat seed meadow silo "
+            "planted harvested plowed milked fed herded sowed watered rural muddy golden ripe fertile dusty "
+            "rustic pastoral",
+    "war": "soldier army sword battle general cannon fort shield rifle siege troop banner enemy trench helmet "
+           "spear marched attacked defended fought charged surrendered besieged fired brave bloody armored "
+           "fierce loyal wounded defeated victorious",
+    "kitchen": "bread oven soup cook pan knife butter flour spoon kettle stove onion pepper cheese dough recipe "
+               "baked stirred boiled chopped fried tasted roasted seasoned spicy warm crispy sweet savory fresh "
+               "tender hot",
+    "music": "song piano violin drum singer choir melody guitar concert chord rhythm flute stage band tune harp "
+             "played sang tuned strummed composed hummed performed rehearsed loud gentle melodic harmonic lively "
+             "soft rhythmic musical",
+    "space": "star planet rocket moon comet orbit galaxy astronaut telescope crater nebula satellite asteroid "
+             "launch gravity cosmos launched orbited landed observed explored docked measured zoomed distant "
+             "lunar cosmic stellar dark silent orbital vast",
+    "forest": "tree oak pine moss fern deer owl wolf trail branch leaf root bark bear mushroom stream climbed "
+              "wandered hunted gathered hid foraged howled rustled wild shady ancient leafy mossy dense quiet "
+              "wooded",
+    "medicine": "doctor nurse patient fever pill wound clinic surgeon bandage cure illness needle remedy pulse "
+                "ward medicine healed treated examined diagnosed bandaged prescribed recovered injected sick "
+                "healthy feverish pale sterile medical weak painful",
+}
+# part of speech by position in each list: 16 nouns, 8 verbs (past tense), 8 adjectives
+NOUNS, VERBS, ADJECTIVES = slice(0, 16), slice(16, 24), slice(24, 32)
+TEMPLATES = [  # N noun, V verb, A adjective, E the document's name
+    "the A N V the N.", "a N V with the A N.", "then the N V and the N V.", "E saw that the N was A.",
+    "in the A N, E V.", "E V near the N.", "the N was A, and the N was A.", "after the N, the A N V.",
+    "E and the N V by the A N.", "it was a A N, so E V.", "there the N V over the N.", "E knew the N of the N.",
+]
+NAMED = [t for t in TEMPLATES if "E" in t.split()]  # a paragraph's first sentence names the document's entity
+INTRO = "this is the tale of E.\n"  # how every document starts: the neutral prompt of the steering measurement
+NO_TOPIC = 255  # the topic of characters outside a paragraph
+SYLLABLES = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+N_NAMES = 64
+
+
+def make_name(rng):
+    return "".join(rng.choice(SYLLABLES, size=rng.integers(2, 4))).capitalize()
+
+
+def topic_corpus(n_chars, seed, switch=0.2):
+    """Text of about n_chars characters, each character's topic id (NO_TOPIC outside paragraphs), and
+    the names the documents use."""
+    rng = np.random.default_rng(seed)
+    words = {t: ws.split() for t, ws in TOPICS.items()}
+    topics = list(TOPICS)
+    names = []
+    while len(names) < N_NAMES:
+        name = make_name(rng)
+        if name not in names:
+            names.append(name)
+    parts, labels, size = [], [], 0
+
+    def emit(text, topic):
+        nonlocal size
+        parts.append(text)
+        labels.append(np.full(len(text), topic, dtype=np.uint8))
+        size += len(text)
+
+    while size < n_chars:
+        name = rng.choice(names)
+        emit(INTRO.replace("E", name), NO_TOPIC)
+        topic = rng.integers(len(topics))
+        for _ in range(rng.integers(2, 5)):
+            if rng.random() < switch:
+                topic = (topic + rng.integers(1, len(topics))) % len(topics)
+            vocab = words[topics[topic]]
+            sentences = []
+            for i in range(rng.integers(3, 6)):
+                tokens = []
+                for tok in rng.choice(TEMPLATES if i else NAMED).split(" "):
+                    word, tail = tok.rstrip(".,"), tok[len(tok.rstrip(".,")):]
+                    pick = {"N": NOUNS, "V": VERBS, "A": ADJECTIVES}.get(word)
+                    word = name if word == "E" else rng.choice(vocab[pick]) if pick else word
+                    tokens.append(word + tail)
+                sentences.append(" ".join(tokens))
+            emit(" ".join(sentences), topic)
+            emit("\n", NO_TOPIC)
+        emit("\n", NO_TOPIC)
+    return "".join(parts), np.concatenate(labels), names
+
+
+def prepare_topics(args):
+    text, topic, names = topic_corpus(args.chars, args.seed)
+    pieces = split_words(text)
+    tok = Tokenizer({"tokenizer": "words", "words": sorted(set(pieces))})
+    ids = np.array(tok.encode(text), dtype=token_dtype(tok.vocab_size))
+    topic = topic[np.cumsum([0] + [len(p) for p in pieces[:-1]])]  # a token's topic: its first character's
+    n_val = int(len(ids) * args.val_fraction)
+    out_dir = os.path.join(args.data_root, args.name)
+    source = {"corpus": "topics", "chars": args.chars, "seed": args.seed, "val_fraction": args.val_fraction}
+    extra = {"train_topic": topic[:-n_val], "val_topic": topic[-n_val:]}  # for the steering measurement
+    save(out_dir, tok, {"train": ids[:-n_val], "val": ids[-n_val:]}, source, extra,
+         topics={t: w.split() for t, w in TOPICS.items()}, names=names)
 
 
 def prepare_hf(args):
@@ -214,6 +330,11 @@ def main(argv=None):
         p = sub.add_parser(name, help=f"download and tokenize {HF_CORPORA[name]} with GPT-2's BPE")
         p.add_argument("--num_proc", type=int, default=max(1, os.cpu_count() // 2), help="tokenizing processes")
         p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out for validation")
+    p = sub.add_parser("topics", help="generate the built-in corpus offline: 8 topics, names that recur (word tokens)")
+    p.add_argument("--name", default="topics", help="output folder name under data_root")
+    p.add_argument("--chars", type=int, default=4_000_000, help="corpus size in characters (about 5.5 per token); the default suits pipeline.py")
+    p.add_argument("--seed", type=int, default=0, help="the corpus is a function of this seed and --chars")
+    p.add_argument("--val_fraction", type=float, default=0.05, help="share of tokens, from the end, held out for validation")
     p = sub.add_parser("text", help="tokenize local .txt / .jsonl files")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote them), e.g. 'books/*.txt'")
     p.add_argument("--name", required=True, help="output folder name under data_root")
@@ -222,6 +343,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.corpus == "text":
         prepare_text(args)
+    elif args.corpus == "topics":
+        prepare_topics(args)
     else:
         prepare_hf(args)
 

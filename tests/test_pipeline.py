@@ -1,0 +1,184 @@
+"""The built-in corpus and the one-command pipeline, scaled down."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import pipeline
+import prepare
+from conftest import ROOT, run
+from model import GPT, GPTConfig
+from prepare import NO_TOPIC, Tokenizer, load_meta
+
+
+def test_topic_corpus_structure():
+    text, topic, names = prepare.topic_corpus(200_000, seed=3)
+    again, topic_again, _ = prepare.topic_corpus(200_000, seed=3)
+    assert text == again and (topic == topic_again).all()
+    assert len(set(names)) == prepare.N_NAMES
+    assert prepare.topic_corpus(200_000, seed=4)[0] != text
+    assert len(topic) == len(text) >= 200_000
+
+    vocab = {name: set(ws.split()) for name, ws in prepare.TOPICS.items()}
+    assert len(vocab) >= 8 and all(len(v) >= 30 for v in vocab.values())
+    assert sum(map(len, vocab.values())) == len(set().union(*vocab.values()))  # no word in two topics
+    grammar = set(re.findall(r"\b[a-z]+\b", " ".join(prepare.TEMPLATES) + prepare.INTRO))
+    assert grammar.isdisjoint(set().union(*vocab.values()))
+
+    owner = {w: k for k, ws in enumerate(vocab.values()) for w in ws}
+    found = [(m.start(), owner[m.group()]) for m in re.finditer(r"\b[a-z]+\b", text) if m.group() in owner]
+    assert len(found) > 10_000
+    assert all(topic[pos] == k for pos, k in found)  # each topic word sits in a paragraph of its topic
+
+    switches = paragraphs = 0
+    pos = 0
+    for doc in text.split("\n\n")[:-1]:
+        intro, *paras = doc.split("\n")
+        name = re.fullmatch(r"this is the tale of ([A-Z][a-z]+)\.", intro).group(1)
+        assert name in names
+        assert all(name in p.split(".")[0] for p in paras)  # every paragraph's first sentence names it
+        pos += len(intro) + 1
+        labels = []
+        for p in paras:
+            labels.append(set(topic[pos:pos + len(p)].tolist()))
+            pos += len(p) + 1
+        pos += 1
+        assert all(len(s) == 1 and NO_TOPIC not in s for s in labels)  # one topic per paragraph
+        switches += sum(a != b for a, b in zip(labels, labels[1:]))
+        paragraphs += len(labels) - 1
+    assert 0.1 < switches / paragraphs < 0.3  # held with probability 0.8 from one paragraph to the next
+
+
+def test_prepare_topics(tmp_path):
+    prepare.main(["--data_root", str(tmp_path), "topics", "--chars", "30000", "--seed", "5", "--val_fraction", "0.1"])
+    meta = load_meta(tmp_path / "topics")
+    tokens = {s: np.fromfile(tmp_path / "topics" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
+    topic = {s: np.fromfile(tmp_path / "topics" / f"{s}_topic.bin", dtype=np.uint8) for s in ("train", "val")}
+    text, char_topic, names = prepare.topic_corpus(30000, 5)
+    ids = np.concatenate([tokens["train"], tokens["val"]]).tolist()
+    tok = Tokenizer(meta)
+    assert meta["tokenizer"] == "words" and meta["names"] == names
+    assert tok.decode(ids) == text
+    pieces = [tok.decode([i]) for i in ids]  # words with their leading space, punctuation, newlines
+    assert all(re.fullmatch(r" ?[A-Za-z]+|[^A-Za-z]", p) for p in pieces)
+    assert meta["vocab_size"] == len(set(pieces)) < 500
+    starts = np.cumsum([0] + [len(p) for p in pieces[:-1]])
+    assert (np.concatenate([topic["train"], topic["val"]]) == char_topic[starts]).all()
+    assert len(tokens["val"]) == len(topic["val"]) == int(len(ids) * 0.1)
+    with pytest.raises(ValueError, match="words outside this corpus' vocabulary"):
+        tok.encode("the ship zzz")
+    assert meta["topics"] == {name: ws.split() for name, ws in prepare.TOPICS.items()}
+    assert meta["source"] == {"corpus": "topics", "chars": 30000, "seed": 5, "val_fraction": 0.1}
+    with pytest.raises(FileNotFoundError, match="python prepare.py topics"):
+        load_meta(tmp_path / "missing" / "topics")
+
+
+def test_tokens_to_reach():
+    tokens = np.array([0, 10, 20, 30])
+    losses = np.array([4.0, 3.0, 2.0, 1.0])
+    assert pipeline.tokens_to_reach(tokens, losses, 2.5) == pytest.approx(15)
+    assert pipeline.tokens_to_reach(tokens, losses, 1.0) == pytest.approx(30)
+    assert pipeline.tokens_to_reach(tokens, losses, 0.5) is None
+    assert pipeline.tokens_to_reach(tokens, np.array([4.0, 2.0, 3.0, 1.0]), 2.5) == pytest.approx(7.5)  # the first crossing
+
+
+def test_topic_rate_counts_lower_case_words():
+    words = {"ship", "sailed", "wave", "pine"}
+    assert pipeline.topic_rate(["the ship sailed. Pine", "a wave,\nand"], words) == pytest.approx(3 / 6)
+
+
+def test_topic_concepts_against_brute_force():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, n_concepts=24, concept_topk=4,
+                          concept_layer=1)).eval()
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 11, size=5 * 16 + 3)
+    topic = rng.choice([0, 1, 2, NO_TOPIC], size=len(tokens)).astype(np.uint8)
+    tied = pipeline.topic_concepts(model, tokens, topic, 4, "cpu")
+    with torch.no_grad():
+        z = model(torch.from_numpy(tokens[:80].reshape(5, 16)), return_parts=True)["concept_logits"].reshape(80, -1).numpy()
+    t = topic[:80]
+    z, t = z[t != NO_TOPIC], t[t != NO_TOPIC]
+    for k in range(3):
+        corr = [np.corrcoef(z[:, c], t == k)[0, 1] for c in range(24)]
+        assert tied[k][0] == int(np.argmax(corr)) and tied[k][1] == pytest.approx(max(corr), abs=1e-5)
+    assert tied[3] == (None, None)  # topic 3 never occurs
+
+
+SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8", "--batch_tokens=512",
+         "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
+         "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=2",
+         "--steer_samples=4", "--steer_tokens=40"]
+
+
+def small_args(tmp_path, *extra):
+    return [f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data' / 'topics'}", *SMALL, *extra]
+
+
+def test_pipeline_end_to_end(tmp_path):
+    proc = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    assert report["tokens"] == [0, 5120, 10240]
+    for objective in ("ntp", "cocomix"):  # the report's losses are those the runs logged
+        logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{objective}-{s}" / "metrics.jsonl")
+                   if "val_ntp_loss" in line] for s in (1, 2)]
+        assert np.allclose(report["val_ntp_loss"][objective], logged)
+        final = [run_[-1] for run_ in logged]
+        assert report["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final)])
+    ntp_cfg = torch.load(out / "ntp-1" / "ckpt.pt", weights_only=True)["model_args"]
+    cocomix_cfg = torch.load(out / "cocomix-1" / "ckpt.pt", weights_only=True)["model_args"]
+    ntp_params, cocomix_params = (GPT(GPTConfig(**a)).get_num_params() for a in (ntp_cfg, cocomix_cfg))
+    assert report["active_params"] == {"ntp": ntp_params, "cocomix": cocomix_params}
+    assert abs(ntp_params - cocomix_params) <= 0.03 * cocomix_params and ntp_cfg["n_embd"] == report["ntp_width"]
+    assert 0 <= report["sae"]["val_nmse"] and 0 <= report["sae"]["dead_frac"] <= 1 and 0 <= report["concept_top4"][0] <= 1
+    assert [row["topic"] for row in report["steering"]] == list(prepare.TOPICS)
+    for row in report["steering"]:
+        rates = [row[k] for k in ("corpus_rate", "rate", "rate_steer_5", "rate_steer_10")]
+        assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= r <= 1 for r in rates))
+    md = (out / "report.md").read_text()
+    for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
+                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss", "Wall time"):
+        assert part in md
+    assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[9/9] report" in proc.stdout
+
+    again = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)  # everything is done and valid: nothing runs
+    assert again.stdout.count(": done") == 9 and "$ python" not in again.stdout
+
+    stale = run("pipeline.py", *small_args(tmp_path, "--stage=labels", "--sae_k=8"), cwd=tmp_path, check=False)
+    assert stale.returncode != 0 and "labels needs sae" in stale.stderr and "--stage=sae" in stale.stderr
+
+
+def test_pipeline_interrupt_then_resume(tmp_path):
+    args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=600")
+    run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    ckpt = tmp_path / "out" / "teacher" / "ckpt.pt"
+    deadline = time.time() + 60
+    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets SIGINT
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "interrupted" in err
+    record = json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())
+    assert record["done"] is False
+    stopped_at = torch.load(ckpt, weights_only=True)["step"]
+    assert 0 < stopped_at < 600
+
+    resumed = run("pipeline.py", *args, cwd=tmp_path)
+    assert "--init_from=resume" in resumed.stdout and "teacher" in resumed.stdout
+    assert json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())["done"] is True
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "teacher" / "metrics.jsonl")
+             if "val_loss" in line]
+    assert steps == list(range(0, 601, 10))  # every validation once: nothing lost or repeated across the stop
