@@ -247,17 +247,16 @@ def topic_rate(texts, topic_words):
 
 
 @torch.no_grad()
-def topic_concepts(model, tokens, topic, n_topics, device):
-    """For each planted topic, the concept whose predicted logit correlates most (Pearson, over the
-    positions of validation paragraphs) with the indicator of that topic: [(concept, correlation)],
-    (None, None) for a topic absent from the text."""
-    T = model.config.block_size
-    starts = np.arange(0, len(tokens) - T + 1, T)
+def topic_features(features, tokens, topic, n_topics, block_size, device):
+    """For each planted topic, the feature (a column of `features(x)`, e.g. concept logits) that
+    correlates most (Pearson, over the positions of validation paragraphs) with the indicator of
+    that topic: [(feature, correlation)], (None, None) for a topic absent from the text."""
+    starts = np.arange(0, len(tokens) - block_size + 1, block_size)
     z, t = [], []
     for batch in np.array_split(starts, (len(starts) + 15) // 16):
-        x = torch.from_numpy(np.stack([tokens[s:s + T] for s in batch]).astype(np.int64)).to(device)
-        z.append(model(x, return_parts=True)["concept_logits"].float().flatten(0, 1).cpu())
-        t.append(torch.from_numpy(np.stack([topic[s:s + T] for s in batch]).astype(np.int64)).flatten())
+        x = torch.from_numpy(np.stack([tokens[s:s + block_size] for s in batch]).astype(np.int64)).to(device)
+        z.append(features(x).float().flatten(0, 1).cpu())
+        t.append(torch.from_numpy(np.stack([topic[s:s + block_size] for s in batch]).astype(np.int64)).flatten())
     z, t = torch.cat(z), torch.cat(t)
     z, t = z[t != NO_TOPIC], t[t != NO_TOPIC]
     z = (z - z.mean(0)) / z.std(0).clamp_min(1e-8)
@@ -284,6 +283,7 @@ def write_report(cfg, steps):
     from tqdm import tqdm
 
     from model import GPT, device_and_autocast, load_checkpoint
+    from sae import TopKSAE
     from prepare import INTRO, Tokenizer
 
     t0 = time.time()
@@ -315,8 +315,12 @@ def write_report(cfg, steps):
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     val_topic = np.memmap(os.path.join(cfg.data_dir, "val_topic.bin"), dtype=np.uint8, mode="r")
     topics = meta["topics"]
+    teacher, sae_model = GPT.load(out("teacher")).to(device).eval(), TopKSAE.load(out("sae", "sae.pt")).to(device).eval()
     with autocast:
-        tied = topic_concepts(model, val, val_topic, len(topics), device)
+        tied = topic_features(lambda x: model(x, return_parts=True)["concept_logits"], val, val_topic, len(topics),
+                              model.config.block_size, device)
+        in_sae = topic_features(lambda x: sae_model.encode_pre(teacher.hidden(x, cfg.sae_layer))[0], val, val_topic,
+                                len(topics), model.config.block_size, device)
     prompt = INTRO.replace("E", meta["names"][0])
     x = torch.tensor(tok.encode(prompt), device=device)[None].repeat(cfg.steer_samples, 1)
     scales = [float(s) for s in cfg.steer_scales.split(",")]
@@ -332,9 +336,10 @@ def write_report(cfg, steps):
              for cond in tqdm(conditions, desc="steering", unit="condition")}
     corpus_words = words(tok.decode(val.tolist()))
     steering = []
-    for (name, topic_words), (concept, corr) in zip(topics.items(), tied):
+    for (name, topic_words), (concept, corr), (latent, latent_corr) in zip(topics.items(), tied, in_sae):
         topic_words = set(topic_words)
-        steering.append({"topic": name, "concept": concept, "correlation": corr,
+        steering.append({"topic": name, "sae_latent": latent, "sae_correlation": latent_corr, "concept": concept,
+                         "correlation": corr,
                          "corpus_rate": sum(w in topic_words for w in corpus_words) / len(corpus_words),
                          "rate": topic_rate(texts[(None, None)], topic_words),
                          **{f"rate_steer_{s:g}": topic_rate(texts[(concept, s)], topic_words) if concept is not None else None
@@ -443,19 +448,22 @@ def markdown(r):
         "## Steering",
         "",
         f"The seed-1 CoCoMix student. For each planted topic, the concept whose predicted logit correlates most with "
-        f"the topic over validation paragraphs; its logit is scaled at every position. {s['steer_samples']} samples of "
+        f"the topic over validation paragraphs (and, for comparison, the teacher's SAE latent whose pre-activation "
+        f"does); the concept's logit is scaled at every position. {s['steer_samples']} samples of "
         f"{s['steer_tokens']} tokens after the neutral prompt `{r['steering_prompt'].strip()}`, the same sampling "
         f"noise in every column; the rate is the share of generated words that are the topic's (corpus: its share "
         f"of all validation words).",
         "",
-        "| topic | concept | correlation | corpus | no steering | " + " | ".join(f"steer ×{x}" for x in scales) + " |",
+        "| topic | teacher's SAE: latent (correlation) | student: concept (correlation) | corpus | no steering | "
+        + " | ".join(f"steer ×{x}" for x in scales) + " |",
         "|---|---|---|---|---|" + "---|" * len(scales),
     ]
     for row in r["steering"]:
         if row["concept"] is None:
-            lines.append(f"| {row['topic']} | absent from the validation text | | | | " + " | " * len(scales))
+            lines.append(f"| {row['topic']} | absent from the validation text | | | " + " | " * len(scales))
             continue
-        lines.append(f"| {row['topic']} | {row['concept']} | {row['correlation']:.2f} | {pct(row['corpus_rate'])} | "
+        lines.append(f"| {row['topic']} | {row['sae_latent']} ({row['sae_correlation']:.2f}) | {row['concept']} "
+                     f"({row['correlation']:.2f}) | {pct(row['corpus_rate'])} | "
                      f"{pct(row['rate'])} | " + " | ".join(pct(row[f'rate_steer_{x}']) for x in scales) + " |")
     ex = r["steering_example"]
     times = ", ".join(f"{k} {duration(v)}" for k, v in r["stage_seconds"].items())
@@ -478,6 +486,9 @@ def main():
     cfg = SimpleNamespace(**configure({"__file__": __file__, "__doc__": __doc__, **SETTINGS}))
     if cfg.stage not in ("all", *STAGES):
         raise SystemExit(f"error: stage must be 'all' or one of {', '.join(STAGES)}, not {cfg.stage!r}")
+    if not re.fullmatch(r"-?[\d.]+(,-?[\d.]+)*", cfg.steer_scales) or cfg.seeds < 1:
+        raise SystemExit(f"error: steer_scales must be numbers separated by commas, e.g. '5,10' (got {cfg.steer_scales!r}), "
+                         f"and seeds at least 1 (got {cfg.seeds})")
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]
     for i, step in enumerate(chosen, 1):
         if step.done():

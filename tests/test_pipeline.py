@@ -95,14 +95,14 @@ def test_topic_rate_counts_lower_case_words():
     assert pipeline.topic_rate(["the ship sailed. Pine", "a wave,\nand"], words) == pytest.approx(3 / 6)
 
 
-def test_topic_concepts_against_brute_force():
+def test_topic_features_against_brute_force():
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=16, n_concepts=24, concept_topk=4,
                           concept_layer=1)).eval()
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=5 * 16 + 3)
     topic = rng.choice([0, 1, 2, NO_TOPIC], size=len(tokens)).astype(np.uint8)
-    tied = pipeline.topic_concepts(model, tokens, topic, 4, "cpu")
+    tied = pipeline.topic_features(lambda x: model(x, return_parts=True)["concept_logits"], tokens, topic, 4, 16, "cpu")
     with torch.no_grad():
         z = model(torch.from_numpy(tokens[:80].reshape(5, 16)), return_parts=True)["concept_logits"].reshape(80, -1).numpy()
     t = topic[:80]
@@ -144,6 +144,7 @@ def test_pipeline_end_to_end(tmp_path):
     for row in report["steering"]:
         rates = [row[k] for k in ("corpus_rate", "rate", "rate_steer_5", "rate_steer_10")]
         assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= r <= 1 for r in rates))
+        assert row["sae_latent"] is None or (0 <= row["sae_latent"] < 64 and -1 <= row["sae_correlation"] <= 1)
     md = (out / "report.md").read_text()
     for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
                  "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss", "Wall time"):
@@ -157,6 +158,10 @@ def test_pipeline_end_to_end(tmp_path):
 
     stale = run("pipeline.py", *small_args(tmp_path, "--stage=labels", "--sae_k=8"), cwd=tmp_path, check=False)
     assert stale.returncode != 0 and "labels needs sae" in stale.stderr and "--stage=sae" in stale.stderr
+
+    for bad in ("--stage=teachers", "--steer_scales=5;10", "--seeds=0"):
+        proc = run("pipeline.py", *small_args(tmp_path, bad), cwd=tmp_path, check=False)
+        assert proc.returncode != 0 and proc.stderr.startswith("error:")
 
 
 def test_pipeline_interrupt_then_resume(tmp_path):
