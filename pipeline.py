@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -37,7 +38,7 @@ SETTINGS = dict(  # the command's settings: python pipeline.py --help
     out_dir="out-pipeline",  # every stage's output and the report go here
     data_dir="data/topics",  # the built-in corpus
     stage="all",  # 'all', or one of prepare, teacher, sae, labels, students, report
-    corpus_chars=4_000_000,  # corpus size in characters (about 5 per word token), 5% of it held out
+    corpus_chars=4_000_000,  # corpus size in characters (about 4.7 per word token), 5% of it held out
     corpus_seed=0,  # the corpus is a function of this seed and its size
     n_layer=4,  # blocks, teacher and students
     n_head=4,  # attention heads
@@ -75,6 +76,10 @@ def tool(script, *args, **settings):
         raise SystemExit(f"error: {script} failed (see above); fix that and rerun `python pipeline.py`")
 
 
+def out_path(cfg, *parts):
+    return os.path.join(cfg.out_dir, *parts)
+
+
 def resume_from(folder):
     return "resume" if os.path.exists(os.path.join(folder, "ckpt.pt")) else "scratch"
 
@@ -100,8 +105,9 @@ def ntp_width(cfg, vocab_size):
 
 
 class Step:
-    """One unit of work. Its folder holds stage.json: the key it ran with (a hash of its settings and
-    of the keys of the steps it needs), whether it finished, and the seconds it took."""
+    """One unit of work. Its folder holds stage.json: the key it ran with, a random id of that run,
+    whether it finished, and the seconds it took. The key hashes its settings and the run ids of the
+    steps it needs, so that redoing one of those makes it stale."""
 
     def __init__(self, name, stage, folder, needs, settings, run, outputs):
         self.name, self.stage, self.folder, self.needs = name, stage, folder, needs
@@ -109,7 +115,7 @@ class Step:
         self.record_path = os.path.join(folder, "stage.json")
 
     def key(self):
-        material = {"name": self.name, "settings": self.settings, "needs": [s.key() for s in self.needs]}
+        material = {"name": self.name, "settings": self.settings, "needs": [(s.record() or {}).get("run") for s in self.needs]}
         return hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
 
     def record(self):
@@ -121,13 +127,14 @@ class Step:
 
     def done(self):
         record = self.record()
-        return bool(record and record["key"] == self.key() and record["done"] and self.outputs())
+        return bool(record and record["key"] == self.key() and record["done"] and self.outputs()
+                    and all(s.done() for s in self.needs))
 
     def execute(self):
         record = self.record()
         if record is None or record["key"] != self.key() or record["done"]:  # new, stale, or its outputs are gone
             shutil.rmtree(self.folder, ignore_errors=True)
-            record = {"key": self.key(), "settings": self.settings, "done": False, "seconds": 0.0}
+            record = {"key": self.key(), "run": os.urandom(8).hex(), "settings": self.settings, "done": False, "seconds": 0.0}
         os.makedirs(self.folder, exist_ok=True)
         t0 = time.time()
         try:
@@ -140,14 +147,12 @@ class Step:
 
 def make_steps(cfg):
     """Every step in order; the stages' commands are spelled out here."""
-    def out(*parts):
-        return os.path.join(cfg.out_dir, *parts)
-
+    out = partial(out_path, cfg)
     teacher_dir, sae_file, labels_dir = out("teacher"), out("sae", "sae.pt"), out("labels")
     corpus = {"corpus": "topics", "chars": cfg.corpus_chars, "seed": cfg.corpus_seed, "val_fraction": VAL_FRACTION}
     train = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.block_size, data_dir=cfg.data_dir,
                  batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, learning_rate=cfg.learning_rate,
-                 eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=50, compile=False)
+                 eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=25, compile=False)
 
     def corpus_ready():  # prepare.py records its settings as the meta's "source"
         try:
@@ -185,26 +190,27 @@ def make_steps(cfg):
                  max_iters=cfg.student_iters, seed=seed)
         return run
 
-    shape = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd", "block_size", "batch_size", "batch_tokens",
-                                          "learning_rate", "eval_interval", "eval_iters")}
+    def settings(*keys):
+        return {k: getattr(cfg, k) for k in keys}
+
+    shape = settings("n_layer", "n_head", "n_embd", "block_size", "batch_size", "batch_tokens", "learning_rate")
     steps = [Step("prepare", "prepare", out("prepare"), [], corpus, prepare, corpus_ready)]
-    steps.append(Step("teacher", "teacher", teacher_dir, steps[-1:], {**shape, "iters": cfg.teacher_iters}, teacher,
+    steps.append(Step("teacher", "teacher", teacher_dir, steps[-1:], {**shape, **settings("teacher_iters")}, teacher,
                       exists(os.path.join(teacher_dir, "ckpt.pt"))))
-    steps.append(Step("sae", "sae", out("sae"), steps[-1:], {k: getattr(cfg, k) for k in ("sae_layer", "n_concepts", "sae_k", "sae_iters")},
+    steps.append(Step("sae", "sae", out("sae"), steps[-1:], settings("sae_layer", "n_concepts", "sae_k", "sae_iters"),
                       sae, exists(sae_file)))
-    steps.append(Step("labels", "labels", labels_dir, steps[-1:], {"k_attr": cfg.k_attr}, labels,
+    steps.append(Step("labels", "labels", labels_dir, steps[-1:], settings("k_attr"), labels,
                       exists(*(os.path.join(labels_dir, f"{s}.{e}") for s in ("train", "val") for e in ("bin", "json")))))
-    student_settings = {**shape, "iters": cfg.student_iters, "concept_layer": cfg.concept_layer,  # NTP's width
-                        "concept_topk": cfg.concept_topk, "lam_concept": cfg.lam_concept, "n_concepts": cfg.n_concepts}  # follows them
+    student_settings = {**shape, **settings("student_iters", "eval_interval", "eval_iters", "n_concepts", "concept_topk")}
     students = []
-    for seed in range(1, cfg.seeds + 1):
-        for objective, needs in (("ntp", steps[:1]), ("cocomix", steps[3:4])):
+    for seed in range(1, cfg.seeds + 1):  # NTP's width follows n_concepts and concept_topk, nothing else of CoCoMix's
+        for objective, needs, extra in (("ntp", steps[:1], {}),
+                                        ("cocomix", steps[3:4], settings("concept_layer", "lam_concept"))):
             name = f"{objective}-{seed}"
-            students.append(Step(name, "students", out(name), needs, {**student_settings, "seed": seed},
+            students.append(Step(name, "students", out(name), needs, {**student_settings, **extra, "seed": seed},
                                  student(objective, seed), exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl"))))
-    report_settings = {k: getattr(cfg, k) for k in ("steer_samples", "steer_tokens", "steer_scales")}
     steps += students
-    steps.append(Step("report", "report", out("report"), steps[1:], report_settings,
+    steps.append(Step("report", "report", out("report"), steps[1:], settings("steer_samples", "steer_tokens", "steer_scales"),
                       lambda folder: write_report(cfg, steps), exists(*report_paths(cfg).values())))
     return steps
 
@@ -272,7 +278,8 @@ def topic_features(features, tokens, topic, n_topics, block_size, device):
 
 
 def mean_std(values):
-    return float(np.mean(values)), float(np.std(values))
+    """Mean and sample standard deviation (0 for one value)."""
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
 def write_report(cfg, steps):
@@ -291,9 +298,7 @@ def write_report(cfg, steps):
     seeds = range(1, cfg.seeds + 1)
     paths = report_paths(cfg)
 
-    def out(*parts):
-        return os.path.join(cfg.out_dir, *parts)
-
+    out = partial(out_path, cfg)
     curves = {obj: [val_curve(out(f"{obj}-{s}")) for s in seeds] for obj in ("ntp", "cocomix")}
     tokens = curves["ntp"][0][0]
     for obj, runs in curves.items():
@@ -321,8 +326,10 @@ def write_report(cfg, steps):
                               model.config.block_size, device)
         in_sae = topic_features(lambda x: sae_model.encode_pre(teacher.hidden(x, cfg.sae_layer))[0], val, val_topic,
                                 len(topics), model.config.block_size, device)
-    prompt = INTRO.replace("E", meta["names"][0])
-    x = torch.tensor(tok.encode(prompt), device=device)[None].repeat(cfg.steer_samples, 1)
+    names = [n for n in meta["names"] if " " + n in tok.stoi]  # the ones the corpus used: each is one token
+    prompts = [INTRO.replace("E", names[i % len(names)]) for i in range(cfg.steer_samples)]
+    x = torch.tensor([tok.encode(p) for p in prompts], device=device)  # all of one length: a name is one token
+    positions = int((val_topic[:len(val) // model.config.block_size * model.config.block_size] != NO_TOPIC).sum())
     scales = [float(s) for s in cfg.steer_scales.split(",")]
 
     def generate(steer):
@@ -355,7 +362,7 @@ def write_report(cfg, steps):
         ax.fill_between(tokens / 1e3, m - s, m + s, alpha=0.25)
     ax.axhline(final["ntp"][0], color="gray", lw=0.8, ls="--")
     ax.set(xlabel="training tokens (thousands)", ylabel="validation NTP loss (nats/token)",
-           title=f"built-in corpus, mean ± std over {cfg.seeds} seeds", ylim=(None, float(losses["ntp"][:, 1].max()) + 0.1))
+           title=f"built-in corpus, mean ± std over {cfg.seeds} seeds", ylim=(None, max(float(l[:, min(1, l.shape[1] - 1)].max()) for l in losses.values()) + 0.1))
     ax.legend()
     fig.tight_layout()
     fig.savefig(paths["png"] + ".tmp", format="png")
@@ -373,7 +380,8 @@ def write_report(cfg, steps):
         "cocomix_tokens_to_reach_ntp_final_pct": None if reach is None else 100 * reach / total_tokens,
         "concept_top4": top4, "concept_top4_chance": cfg.k_attr / cfg.n_concepts,
         "sae": {"val_nmse": sae["val_nmse"], "val_fve": sae["val_fve"], "dead_frac": sae["dead_frac"]},
-        "steering": steering, "steering_example": example, "steering_prompt": prompt,
+        "steering": steering, "steering_example": example, "steering_prompts": prompts,
+        "correlation_noise": 3 / positions ** 0.5,
     }
     write_text(paths["json"], json.dumps(report, indent=1))
     write_text(paths["md"], markdown(report))
@@ -450,9 +458,10 @@ def markdown(r):
         f"The seed-1 CoCoMix student. For each planted topic, the concept whose predicted logit correlates most with "
         f"the topic over validation paragraphs (and, for comparison, the teacher's SAE latent whose pre-activation "
         f"does); the concept's logit is scaled at every position. {s['steer_samples']} samples of "
-        f"{s['steer_tokens']} tokens after the neutral prompt `{r['steering_prompt'].strip()}`, the same sampling "
-        f"noise in every column; the rate is the share of generated words that are the topic's (corpus: its share "
-        f"of all validation words).",
+        f"{s['steer_tokens']} tokens after neutral prompts `{r['steering_prompts'][0].strip()}` with {len(set(r['steering_prompts']))} "
+        f"different names, the same sampling noise in every column; the rate is the share of generated words that are "
+        f"the topic's (corpus: its share of all validation words). Correlations below {r['correlation_noise']:.3f} "
+        f"(3/√positions) are indistinguishable from noise.",
         "",
         "| topic | teacher's SAE: latent (correlation) | student: concept (correlation) | corpus | no steering | "
         + " | ".join(f"steer ×{x}" for x in scales) + " |",
@@ -486,9 +495,13 @@ def main():
     cfg = SimpleNamespace(**configure({"__file__": __file__, "__doc__": __doc__, **SETTINGS}))
     if cfg.stage not in ("all", *STAGES):
         raise SystemExit(f"error: stage must be 'all' or one of {', '.join(STAGES)}, not {cfg.stage!r}")
-    if not re.fullmatch(r"-?[\d.]+(,-?[\d.]+)*", cfg.steer_scales) or cfg.seeds < 1:
-        raise SystemExit(f"error: steer_scales must be numbers separated by commas, e.g. '5,10' (got {cfg.steer_scales!r}), "
-                         f"and seeds at least 1 (got {cfg.seeds})")
+    try:
+        [float(x) for x in cfg.steer_scales.split(",")]
+    except ValueError:
+        raise SystemExit(f"error: steer_scales must be numbers separated by commas, e.g. '5,10', not {cfg.steer_scales!r}")
+    if cfg.seeds < 1 or cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: seeds must be at least 1 (got {cfg.seeds}) and n_embd a multiple of n_head "
+                         f"(got {cfg.n_embd} and {cfg.n_head})")
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]
     for i, step in enumerate(chosen, 1):
         if step.done():

@@ -278,6 +278,8 @@ def topic_corpus(n_chars, seed, switch=0.2):
 
 
 def prepare_topics(args):
+    if args.chars < 1000 or not 0 < args.val_fraction < 1:
+        raise SystemExit(f"error: --chars must be at least 1000 and --val_fraction in (0, 1), got {args.chars} and {args.val_fraction}")
     text, topic, names = topic_corpus(args.chars, args.seed)
     pieces = split_words(text)
     tok = Tokenizer({"tokenizer": "words", "words": sorted(set(pieces))})
@@ -332,7 +334,7 @@ def main(argv=None):
         p.add_argument("--val_fraction", type=float, default=0.0005, help="share of documents held out for validation")
     p = sub.add_parser("topics", help="generate the built-in corpus offline: 8 topics, names that recur (word tokens)")
     p.add_argument("--name", default="topics", help="output folder name under data_root")
-    p.add_argument("--chars", type=int, default=4_000_000, help="corpus size in characters (about 5.5 per token); the default suits pipeline.py")
+    p.add_argument("--chars", type=int, default=4_000_000, help="corpus size in characters (about 4.7 per token); the default suits pipeline.py")
     p.add_argument("--seed", type=int, default=0, help="the corpus is a function of this seed and --chars")
     p.add_argument("--val_fraction", type=float, default=0.05, help="share of tokens, from the end, held out for validation")
     p = sub.add_parser("text", help="tokenize local .txt / .jsonl files")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -113,6 +115,34 @@ def test_topic_features_against_brute_force():
     assert tied[3] == (None, None)  # topic 3 never occurs
 
 
+def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
+    cfg = {**pipeline.SETTINGS, "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data")}
+
+    def steps(**change):
+        return pipeline.make_steps(SimpleNamespace(**{**cfg, **change}))
+
+    def changed(**change):
+        before, after = {s.name: s.key() for s in steps()}, {s.name: s.key() for s in steps(**change)}
+        return {name for name in before if before[name] != after[name]}
+
+    students = {f"{o}-{s}" for o in ("ntp", "cocomix") for s in (1, 2, 3)}
+    cocomix = {f"cocomix-{s}" for s in (1, 2, 3)}
+    assert changed(lam_concept=0.2) == changed(concept_layer=1) == cocomix  # the NTP baselines stay
+    assert changed(eval_interval=60) == students  # evaluation is the students' curves, not the teacher
+    assert changed(steer_tokens=50) == {"report"}
+    assert changed(n_concepts=256) == {"sae"} | students  # NTP's width follows the concept count
+    assert changed(teacher_iters=10) == {"teacher"}  # the rest goes stale once the teacher is redone:
+
+    chain = steps()
+    for i, step in enumerate(chain):
+        os.makedirs(step.folder)
+        pipeline.write_text(step.record_path, json.dumps({"key": step.key(), "run": f"run{i}", "done": True}))
+    keys = {s.name: s.key() for s in chain}
+    teacher = chain[1]
+    pipeline.write_text(teacher.record_path, json.dumps({"key": teacher.key(), "run": "again", "done": True}))
+    assert {s.name for s in chain if s.key() != keys[s.name]} == {"sae", "report"}  # the direct readers first
+
+
 SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8", "--batch_tokens=512",
          "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
          "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=2",
@@ -123,8 +153,15 @@ def small_args(tmp_path, *extra):
     return [f"--out_dir={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data' / 'topics'}", *SMALL, *extra]
 
 
-def test_pipeline_end_to_end(tmp_path):
-    proc = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory):
+    """The scaled-down pipeline, run once: (its folder, its output)."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
+    return tmp_path, run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)
+
+
+def test_pipeline_end_to_end(small_run):
+    tmp_path, proc = small_run
     out = tmp_path / "out"
     report = json.loads((out / "report.json").read_text())
     assert report["tokens"] == [0, 5120, 10240]
@@ -133,7 +170,7 @@ def test_pipeline_end_to_end(tmp_path):
                    if "val_ntp_loss" in line] for s in (1, 2)]
         assert np.allclose(report["val_ntp_loss"][objective], logged)
         final = [run_[-1] for run_ in logged]
-        assert report["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final)])
+        assert report["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final, ddof=1)])
     ntp_cfg = torch.load(out / "ntp-1" / "ckpt.pt", weights_only=True)["model_args"]
     cocomix_cfg = torch.load(out / "cocomix-1" / "ckpt.pt", weights_only=True)["model_args"]
     ntp_params, cocomix_params = (GPT(GPTConfig(**a)).get_num_params() for a in (ntp_cfg, cocomix_cfg))
@@ -153,19 +190,27 @@ def test_pipeline_end_to_end(tmp_path):
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[9/9] report" in proc.stdout
 
+
+def test_pipeline_rerun_skips_what_is_done_and_refuses_stale_inputs(small_run):
+    tmp_path, _ = small_run
     again = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)  # everything is done and valid: nothing runs
     assert again.stdout.count(": done") == 9 and "$ python" not in again.stdout
 
     stale = run("pipeline.py", *small_args(tmp_path, "--stage=labels", "--sae_k=8"), cwd=tmp_path, check=False)
     assert stale.returncode != 0 and "labels needs sae" in stale.stderr and "--stage=sae" in stale.stderr
 
-    for bad in ("--stage=teachers", "--steer_scales=5;10", "--seeds=0"):
+    report_only = run("pipeline.py", *small_args(tmp_path, "--steer_tokens=30"), cwd=tmp_path)
+    assert report_only.stdout.count(": done") == 8 and "[9/9] report\n" in report_only.stdout
+
+
+def test_pipeline_bad_settings(tmp_path):
+    for bad in ("--stage=teachers", "--steer_scales=5;10", "--steer_scales=1..2", "--seeds=0", "--n_head=5"):
         proc = run("pipeline.py", *small_args(tmp_path, bad), cwd=tmp_path, check=False)
         assert proc.returncode != 0 and proc.stderr.startswith("error:")
 
 
 def test_pipeline_interrupt_then_resume(tmp_path):
-    args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=600")
+    args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=300")
     run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -179,11 +224,11 @@ def test_pipeline_interrupt_then_resume(tmp_path):
     record = json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())
     assert record["done"] is False
     stopped_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < stopped_at < 600
+    assert 0 < stopped_at < 300
 
     resumed = run("pipeline.py", *args, cwd=tmp_path)
     assert "--init_from=resume" in resumed.stdout and "teacher" in resumed.stdout
     assert json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())["done"] is True
     steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "teacher" / "metrics.jsonl")
              if "val_loss" in line]
-    assert steps == list(range(0, 601, 10))  # every validation once: nothing lost or repeated across the stop
+    assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stop
