@@ -372,7 +372,7 @@ def write_report(cfg, steps):
     times["report"] = time.time() - t0
     total_tokens = int(tokens[-1])
     report = {
-        "machine": machine(device), "wall_seconds": sum(times.values()), "stage_seconds": times,
+        "machine": machine(device), "stage_seconds_total": sum(times.values()), "stage_seconds": times,
         "settings": vars(cfg), "ntp_width": width, "active_params": {"ntp": ntp_params, "cocomix": cocomix_params},
         "tokens": tokens.tolist(), "val_ntp_loss": {obj: l.tolist() for obj, l in losses.items()},
         "final_val_ntp_loss": final, "teacher_val_loss": teacher_loss,
@@ -413,7 +413,8 @@ def pct(x):
 
 
 def duration(seconds):
-    return f"{int(seconds // 60)} min {seconds % 60:.0f} s" if seconds >= 60 else f"{seconds:.0f} s"
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
 
 
 def markdown(r):
@@ -483,7 +484,7 @@ def markdown(r):
         f"The same sample with the {ex['topic']} concept ×{scales[-1]} (the topic steering moved most): "
         f"`{ex['steered'][:160].strip()}`",
         "",
-        f"Machine: {r['machine']}. Wall time {duration(r['wall_seconds'])} ({times}).",
+        f"Machine: {r['machine']}. Time in the stages {duration(r['stage_seconds_total'])} ({times}).",
         "",
     ]
     return "\n".join(line.replace("\n", " ") for line in lines)

@@ -184,7 +184,7 @@ def test_pipeline_end_to_end(small_run):
         assert row["sae_latent"] is None or (0 <= row["sae_latent"] < 64 and -1 <= row["sae_correlation"] <= 1)
     md = (out / "report.md").read_text()
     for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
-                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss", "Wall time"):
+                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss", "Time in the stages"):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
