@@ -32,7 +32,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from prepare import NO_TOPIC, load_meta
+from prepare import NO_TOPIC, load_meta, topics_source
 
 SETTINGS = dict(  # the command's settings: python pipeline.py --help
     out_dir="out-pipeline",  # every stage's output and the report go here
@@ -149,12 +149,12 @@ def make_steps(cfg):
     """Every step in order; the stages' commands are spelled out here."""
     out = partial(out_path, cfg)
     teacher_dir, sae_file, labels_dir = out("teacher"), out("sae", "sae.pt"), out("labels")
-    corpus = {"corpus": "topics", "chars": cfg.corpus_chars, "seed": cfg.corpus_seed, "val_fraction": VAL_FRACTION}
+    corpus = topics_source(cfg.corpus_chars, cfg.corpus_seed, VAL_FRACTION)
     train = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.block_size, data_dir=cfg.data_dir,
                  batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, learning_rate=cfg.learning_rate,
                  eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=25, compile=False)
 
-    def corpus_ready():  # prepare.py records its settings as the meta's "source"
+    def corpus_ready():
         try:
             return load_meta(cfg.data_dir)["source"] == corpus
         except FileNotFoundError:
@@ -216,7 +216,7 @@ def make_steps(cfg):
 
 
 def report_paths(cfg):
-    return {ext: os.path.join(cfg.out_dir, f"report.{ext}") for ext in ("md", "json", "png")}
+    return {ext: out_path(cfg, f"report.{ext}") for ext in ("md", "json", "png")}
 
 
 def read_metrics(folder):

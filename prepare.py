@@ -174,14 +174,14 @@ def prepare_text(args):
     save(os.path.join(args.data_root, args.name), tok, splits, source=args.input)
 
 
-def save(out_dir, tok, splits, source, extra=(), **meta_fields):
+def save(out_dir, tok, splits, source, extra=None, **meta_fields):
     """Token splits as {split}.bin, `extra` arrays as {name}.bin, then meta.json with `meta_fields`."""
     start_output(out_dir)
     meta = {**tok.meta(), "source": source, **meta_fields}
     for split, arr in splits.items():
         write_tokens(os.path.join(out_dir, f"{split}.bin"), [arr], len(arr), arr.dtype, split)
         meta[f"{split}_tokens"] = len(arr)
-    for name, arr in dict(extra).items():
+    for name, arr in (extra or {}).items():
         write_tokens(os.path.join(out_dir, f"{name}.bin"), [arr], len(arr), arr.dtype, name)
     write_meta(out_dir, meta)  # last: a folder with meta.json is complete
     print(f"wrote {out_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, vocabulary {tok.vocab_size}")
@@ -217,8 +217,8 @@ TOPICS = {
                 "ward medicine healed treated examined diagnosed bandaged prescribed recovered injected sick "
                 "healthy feverish pale sterile medical weak painful",
 }
-# part of speech by position in each list: 16 nouns, 8 verbs (past tense), 8 adjectives
-NOUNS, VERBS, ADJECTIVES = slice(0, 16), slice(16, 24), slice(24, 32)
+TOPIC_WORDS = {t: ws.split() for t, ws in TOPICS.items()}
+SLOTS = {"N": slice(0, 16), "V": slice(16, 24), "A": slice(24, 32)}  # in each topic: 16 nouns, 8 verbs, 8 adjectives
 TEMPLATES = [  # N noun, V verb, A adjective, E the document's name
     "the A N V the N.", "a N V with the A N.", "then the N V and the N V.", "E saw that the N was A.",
     "in the A N, E V.", "E V near the N.", "the N was A, and the N was A.", "after the N, the A N V.",
@@ -239,8 +239,7 @@ def topic_corpus(n_chars, seed, switch=0.2):
     """Text of about n_chars characters, each character's topic id (NO_TOPIC outside paragraphs), and
     the names the documents use."""
     rng = np.random.default_rng(seed)
-    words = {t: ws.split() for t, ws in TOPICS.items()}
-    topics = list(TOPICS)
+    topics = list(TOPIC_WORDS)
     names = []
     while len(names) < N_NAMES:
         name = make_name(rng)
@@ -261,13 +260,13 @@ def topic_corpus(n_chars, seed, switch=0.2):
         for _ in range(rng.integers(2, 5)):
             if rng.random() < switch:
                 topic = (topic + rng.integers(1, len(topics))) % len(topics)
-            vocab = words[topics[topic]]
+            vocab = TOPIC_WORDS[topics[topic]]
             sentences = []
             for i in range(rng.integers(3, 6)):
                 tokens = []
                 for tok in rng.choice(TEMPLATES if i else NAMED).split(" "):
                     word, tail = tok.rstrip(".,"), tok[len(tok.rstrip(".,")):]
-                    pick = {"N": NOUNS, "V": VERBS, "A": ADJECTIVES}.get(word)
+                    pick = SLOTS.get(word)
                     word = name if word == "E" else rng.choice(vocab[pick]) if pick else word
                     tokens.append(word + tail)
                 sentences.append(" ".join(tokens))
@@ -275,6 +274,11 @@ def topic_corpus(n_chars, seed, switch=0.2):
             emit("\n", NO_TOPIC)
         emit("\n", NO_TOPIC)
     return "".join(parts), np.concatenate(labels), names
+
+
+def topics_source(chars, seed, val_fraction):
+    """The meta "source" of the built-in corpus: the settings it is a function of."""
+    return {"corpus": "topics", "chars": chars, "seed": seed, "val_fraction": val_fraction}
 
 
 def prepare_topics(args):
@@ -287,10 +291,10 @@ def prepare_topics(args):
     topic = topic[np.cumsum([0] + [len(p) for p in pieces[:-1]])]  # a token's topic: its first character's
     n_val = int(len(ids) * args.val_fraction)
     out_dir = os.path.join(args.data_root, args.name)
-    source = {"corpus": "topics", "chars": args.chars, "seed": args.seed, "val_fraction": args.val_fraction}
+    source = topics_source(args.chars, args.seed, args.val_fraction)
     extra = {"train_topic": topic[:-n_val], "val_topic": topic[-n_val:]}  # for the steering measurement
     save(out_dir, tok, {"train": ids[:-n_val], "val": ids[-n_val:]}, source, extra,
-         topics={t: w.split() for t, w in TOPICS.items()}, names=names)
+         topics=TOPIC_WORDS, names=names)
 
 
 def prepare_hf(args):
