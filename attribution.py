@@ -1,61 +1,74 @@
 """
 Concept labels for CoCoMix (paper eq. 1): a frozen teacher, a TopK SAE on its residual stream
-after block `layer`, and the attribution score a_t = c_pre_t * dLoss/dc_t whose K_attr largest
+after block `sae_layer`, and the attribution score a_t = c_pre_t * dLoss/dc_t whose k_attr largest
 entries name the concepts that matter for the next token.
 
 Cache the labels of a whole token file so training need not run the teacher:
 
-    python attribution.py --data_dir=data/openwebtext --teacher=gpt2 --sae=openai --layer=5
-    python attribution.py --data_dir=data/tiny --teacher=out-tiny --sae=out-sae-tiny/sae.pt --layer=1 --block_size=128
+    python attribution.py --data_dir=data/openwebtext --teacher=gpt2 --sae=openai --sae_layer=5
+    python attribution.py --data_dir=data/tiny --teacher=out-tiny --sae=out-sae-tiny/sae.pt --sae_layer=1 \
+        --block_size=128 --split=both
 """
 
 import hashlib
 import json
 import os
 import time
-from contextlib import nullcontext
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from files import write_text
 from model import layer_norm
-from sae import OPENAI_SAE_URL
 
-SOURCES = ("pre", "post")
-SIGNS = ("literal", "abs", "neg")
+LABEL_SOURCES = ("pre", "post")
+LABEL_SIGNS = ("literal", "abs", "neg")
 
 
 class ConceptLabeler:
-    """Labels (B, T, k_attr) for token batches x with next-token targets y.
+    """Labels (B, T, k_attr) for token batches x with next-token targets y (paper eq. 1):
 
-    source: "pre" multiplies the gradient by the pre-activations (the paper, so concepts outside the
-            TopK count too); "post" by the TopK activations (the authors' release).
-    sign:   "literal" takes the k_attr largest a (eq. 1 as written and the release); "abs" the largest
-            |a|; "neg" the largest -a. To first order removing concept i changes the loss by -a_i.
-    chunk_size: positions scored at once, which bounds the (positions, C) temporaries.
+        h = the teacher's residual stream after block sae_layer,   g = dLoss/dh
+        a = c_pre * dLoss/dc = c_pre * (W_dec^T (g * std(h)))      x_hat = (W_dec c + pre_bias) * std + mu
+        labels = the k_attr largest entries of a
+
+    computed equal to that (tests/test_attribution.py::test_scores_equal_an_independent_autograd_computation
+    patches the latents into the stream and differentiates) from one teacher forward, one backward
+    that stops at h, and the scores of chunk_size positions at a time, so that no (B, T, C) tensor
+    is held.
+
+    label_source: "pre" multiplies the gradient by the pre-activations (the paper, so concepts outside
+                  the TopK count too); "post" by the TopK activations (the authors' release).
+    label_sign:   "literal" takes the k_attr largest a (eq. 1 as written and the release); "abs" the
+                  largest |a|; "neg" the largest -a. To first order removing concept i changes the
+                  loss by -a_i.
     """
 
-    def __init__(self, teacher, sae, layer, k_attr=4, source="pre", sign="literal", chunk_size=1024):
-        if source not in SOURCES or sign not in SIGNS:
-            raise ValueError(f"source must be one of {SOURCES} and sign one of {SIGNS}, got {source!r}, {sign!r}")
-        if not 0 <= layer < teacher.config.n_layer:
-            raise ValueError(f"layer {layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
+    def __init__(self, teacher, sae, sae_layer, k_attr=4, label_source="pre", label_sign="literal", chunk_size=1024):
+        if label_source not in LABEL_SOURCES or label_sign not in LABEL_SIGNS:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES} and label_sign one of {LABEL_SIGNS}, "
+                             f"got {label_source!r}, {label_sign!r}")
+        if not 0 <= sae_layer < teacher.config.n_layer:
+            raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
         if sae.d_model != teacher.config.n_embd:
-            raise ValueError(f"the SAE reads width {sae.d_model}, the teacher's residual stream is {teacher.config.n_embd} wide")
-        if not 0 < k_attr <= sae.n_latents:
-            raise ValueError(f"k_attr must be in [1, {sae.n_latents}], got {k_attr}")
+            raise ValueError(f"the SAE reads width {sae.d_model}, the teacher's residual stream is "
+                             f"{teacher.config.n_embd} wide")
+        if not 0 < k_attr <= sae.n_concepts:
+            raise ValueError(f"k_attr must be in [1, {sae.n_concepts}], got {k_attr}")
         self.teacher = teacher.eval().requires_grad_(False)
         self.sae = sae.eval().requires_grad_(False)
-        self.layer, self.k_attr, self.source, self.sign, self.chunk_size = layer, k_attr, source, sign, chunk_size
+        self.sae_layer, self.k_attr, self.chunk_size = sae_layer, k_attr, chunk_size
+        self.label_source, self.label_sign = label_source, label_sign
 
-    @torch.enable_grad()  # also inside a caller's no_grad, e.g. labelling validation batches
+    # enable_grad: also inside a caller's no_grad, e.g. labelling validation batches
+    @torch.enable_grad()
     def residual_and_grad(self, x, y):
-        """h after block `layer` and g = dLoss/dh: one forward, one backward that stops at h."""
+        """h after block `sae_layer` and g = dLoss/dh: one forward, one backward that stops at h."""
         with torch.no_grad():
-            h = self.teacher.hidden(x, self.layer)
+            h = self.teacher.hidden(x, self.sae_layer)
         h = h.detach().requires_grad_()
-        z = self.teacher.final_hidden(h, self.layer).flatten(0, 1)
+        z = self.teacher.final_hidden(h, self.sae_layer).flatten(0, 1)
         # One backward pass of the summed loss (the release: the mean, the same ranking): g_t also carries
         # h_t's effect on later positions through attention, where eq. 1 writes the loss at t alone,
         # whose exact gradients would cost T backward passes. The LM head runs over chunks of positions,
@@ -73,32 +86,28 @@ class ConceptLabeler:
         sae = self.sae
         with torch.autocast(h.device.type, enabled=False):
             x_n, _, std = layer_norm(h)
-            g_n = g * std  # x_hat = (W_dec c + pre_bias) * std + mu, so dLoss/dc = W_dec^T (g * std)
+            g_n = g * std
             for s in range(0, h.size(0), self.chunk_size):
                 e = min(s + self.chunk_size, h.size(0))
-                a = F.linear(x_n[s:e] - sae.pre_bias, sae.encoder.weight, sae.latent_bias)  # c_pre
-                if self.source == "post":
-                    a = sae.topk(a)
-                a.mul_(g_n[s:e] @ sae.decoder.weight)  # eq. 1: c * dLoss/dc
-                yield s, e, a
+                c = F.linear(x_n[s:e] - sae.pre_bias, sae.encoder.weight, sae.latent_bias)
+                if self.label_source == "post":
+                    c = sae.topk(c)
+                yield s, e, c.mul_(g_n[s:e] @ sae.decoder.weight)
 
     @torch.no_grad()
-    def select(self, a):
-        if self.sign == "abs":
-            a = a.abs_()
-        elif self.sign == "neg":
-            a = a.neg_()
-        return a.topk(self.k_attr, dim=-1).indices
-
     def __call__(self, x, y):
         labels = torch.empty(x.numel(), self.k_attr, dtype=torch.long, device=x.device)
         for s, e, a in self.chunks(x, y):
-            labels[s:e] = self.select(a)
+            if self.label_sign == "abs":
+                a = a.abs_()
+            elif self.label_sign == "neg":
+                a = a.neg_()
+            labels[s:e] = a.topk(self.k_attr, dim=-1).indices
         return labels.view(*x.shape, self.k_attr)
 
     def scores(self, x, y):
         """The attribution scores a (B, T, C) of eq. 1, before any sign convention."""
-        out = torch.empty(x.numel(), self.sae.n_latents, device=x.device)
+        out = torch.empty(x.numel(), self.sae.n_concepts, device=x.device)
         for s, e, a in self.chunks(x, y):
             out[s:e] = a
         return out.view(*x.shape, -1)
@@ -115,65 +124,69 @@ def fingerprint(module):
 
 
 # ----------------------------------------------------------------------------- the label cache
-# <cache_dir>/<split>.bin holds labels as (chunks, block_size, k_attr) uint16 (uint32 past 65,536
-# concepts): chunk i labels tokens [i * block_size, (i + 1) * block_size) of <split>.bin, whose
-# targets are the next tokens. <split>.json records what made it and how many chunks are done.
+# <label_cache>/<split>.bin holds labels as (windows, block_size, k_attr) uint16 (uint32 past 65,536
+# concepts): window i labels tokens [i * block_size, (i + 1) * block_size) of <split>.bin, whose
+# targets are the next tokens. <split>.json, its header, records what made it and how many windows
+# are done. A reader (train.py) checks LABEL_SETTINGS, which both scripts name alike, against its own.
+LABEL_SETTINGS = ("teacher", "sae", "sae_layer", "k_attr", "label_source", "label_sign", "block_size", "n_concepts")
+# Headers written before the settings took their shared names hold these keys; read as the new ones.
+OLD_HEADER_KEYS = {"layer": "sae_layer", "source": "label_source", "sign": "label_sign", "n_latents": "n_concepts",
+                   "n_chunks": "n_windows"}
 
 
-def cache_paths(cache_dir, split):
-    return os.path.join(cache_dir, f"{split}.bin"), os.path.join(cache_dir, f"{split}.json")
+def cache_paths(label_cache, split):
+    return os.path.join(label_cache, f"{split}.bin"), os.path.join(label_cache, f"{split}.json")
+
+
+def read_header(path):
+    with open(path) as f:
+        return {OLD_HEADER_KEYS.get(k, k): v for k, v in json.load(f).items()}
 
 
 def write_header(path, header):
-    with open(path + ".tmp", "w") as f:
-        json.dump(header, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_text(path, json.dumps(header, indent=1))
 
 
 class LabelCache:
     """Reads a finished label cache, refusing one made with settings other than `expect`."""
 
-    def __init__(self, cache_dir, split, expect):
-        bin_path, json_path = cache_paths(cache_dir, split)
+    def __init__(self, label_cache, split, expect):
+        bin_path, json_path = cache_paths(label_cache, split)
         if not os.path.exists(json_path):
-            raise FileNotFoundError(f"no label cache in {cache_dir} for {split}: run attribution.py first")
-        with open(json_path) as f:
-            self.header = json.load(f)
-        differ = {k: (self.header.get(k), v) for k, v in expect.items() if self.header.get(k) != v}
+            raise FileNotFoundError(f"no label cache in {label_cache} for {split}: run attribution.py first")
+        h = self.header = read_header(json_path)
+        differ = {k: (h.get(k), v) for k, v in expect.items() if h.get(k) != v}
         if differ:
-            raise ValueError(f"the label cache in {cache_dir} was made for another run: " +
+            raise ValueError(f"the label cache in {label_cache} was made for another run: " +
                              ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items()))
-        if self.header["done"] < self.header["n_chunks"]:
-            raise ValueError(f"the label cache in {cache_dir} is unfinished ({self.header['done']} of "
-                             f"{self.header['n_chunks']} chunks): rerun attribution.py to complete it")
-        h = self.header
-        self.labels = np.memmap(bin_path, dtype=h["dtype"], mode="r", shape=(h["n_chunks"], h["block_size"], h["k_attr"]))
+        if h["done"] < h["n_windows"]:
+            raise ValueError(f"the label cache in {label_cache} is unfinished ({h['done']} of {h['n_windows']} "
+                             f"windows): rerun attribution.py to complete it")
+        shape = (h["n_windows"], h["block_size"], h["k_attr"])
+        self.labels = np.memmap(bin_path, dtype=h["dtype"], mode="r", shape=shape)
 
-    def __getitem__(self, chunk_ids):
-        return torch.from_numpy(self.labels[np.asarray(chunk_ids)].astype(np.int64))
+    def __getitem__(self, window_ids):
+        return torch.from_numpy(self.labels[np.asarray(window_ids)].astype(np.int64))
 
 
-SETTINGS = dict(  # the command's settings: python attribution.py --help
-    data_dir="data/openwebtext",  # a folder made by prepare.py
-    split="train",  # 'train', 'val' or 'both'
-    teacher="gpt2",  # a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
-    sae="openai",  # an SAE file, its https URL, or 'openai' for OpenAI's GPT-2 small v5 32k SAE at `layer`
-    layer=5,  # the block whose output the SAE reads (0-based; GPT-2 + OpenAI's 5.pt: 5)
-    k_attr=4,  # labels per position (the paper: 4)
-    source="pre",  # 'pre' (the paper: pre-activations) or 'post' (the authors' release: TopK activations)
-    sign="literal",  # 'literal' (eq. 1 as written), 'abs' or 'neg'
-    block_size=1024,  # chunk length: must equal the block_size of the training run that reads the cache
-    batch_size=8,  # chunks per teacher pass
-    chunk_size=1024,  # positions scored at once (memory: a few chunk_size x C fp32 temporaries)
-    cache_dir="",  # where the labels go (default: <data_dir>/labels)
-    device="auto",  # 'auto', 'cpu', 'cuda', ...
-    dtype="auto",  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
-)
+# ----------------------------------------------------------------------------- the command
+data_dir = "data/openwebtext"  # a folder made by prepare.py
+split = "train"  # 'train', 'val' or 'both'
+teacher = "gpt2"  # a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
+sae = "openai"  # an SAE file, its https URL, or 'openai' for OpenAI's GPT-2 small v5 32k SAE at `sae_layer`
+sae_layer = 5  # the block whose output the SAE reads (0-based; GPT-2 + OpenAI's 5.pt: 5)
+k_attr = 4  # labels per position (the paper: 4)
+label_source = "pre"  # 'pre' (the paper: pre-activations) or 'post' (the authors' release: TopK activations)
+label_sign = "literal"  # 'literal' (eq. 1 as written), 'abs' or 'neg'
+block_size = 1024  # window length: must equal the block_size of the training run that reads the cache
+batch_size = 8  # windows per teacher pass
+chunk_size = 1024  # positions scored at once (memory: a few chunk_size x C fp32 temporaries)
+label_cache = ""  # where the labels go (default: <data_dir>/labels)
+device = "auto"  # 'auto', 'cpu', 'cuda', ...
+dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
 
 
 def main():
-    from types import SimpleNamespace
-
     from tqdm import tqdm
 
     from configurator import configure
@@ -181,61 +194,64 @@ def main():
     from prepare import load_meta
     from sae import TopKSAE
 
-    cfg = SimpleNamespace(**configure({"__file__": __file__, "__doc__": __doc__, **SETTINGS}))
-    device, _, autocast = device_and_autocast(cfg.device, cfg.dtype)
+    config = configure(globals())
+    device, _, autocast = device_and_autocast(config["device"], config["dtype"])
     torch.backends.cuda.matmul.allow_tf32 = True
-    cache_dir = cfg.cache_dir or os.path.join(cfg.data_dir, "labels")
+    out = label_cache or os.path.join(data_dir, "labels")
     try:
-        meta = load_meta(cfg.data_dir)
-        teacher = GPT.load(cfg.teacher)
-        sae = TopKSAE.load(OPENAI_SAE_URL.format(layer=cfg.layer) if cfg.sae == "openai" else cfg.sae)
-        labeler = ConceptLabeler(teacher.to(device), sae.to(device), cfg.layer, cfg.k_attr, cfg.source, cfg.sign, cfg.chunk_size)
+        meta = load_meta(data_dir)
+        teacher_model = GPT.load(teacher)
+        sae_model = TopKSAE.load(sae, sae_layer)
+        labeler = ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source,
+                                 label_sign, chunk_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if cfg.block_size > teacher.config.block_size:
-        raise SystemExit(f"error: block_size {cfg.block_size} exceeds the teacher's {teacher.config.block_size}")
-    if meta["vocab_size"] > teacher.config.vocab_size:
-        raise SystemExit(f"error: {cfg.data_dir} has a vocabulary of {meta['vocab_size']}, the teacher {teacher.config.vocab_size}")
-    os.makedirs(cache_dir, exist_ok=True)
-    made_by = {"teacher": cfg.teacher, "teacher_fingerprint": fingerprint(teacher), "sae": cfg.sae,
-               "sae_fingerprint": fingerprint(sae), "layer": cfg.layer, "k_attr": cfg.k_attr, "source": cfg.source,
-               "sign": cfg.sign, "block_size": cfg.block_size, "n_latents": sae.n_latents}
-    for split in ("train", "val") if cfg.split == "both" else (cfg.split,):
-        data = np.memmap(os.path.join(cfg.data_dir, f"{split}.bin"), dtype=meta["dtype"], mode="r")
-        n_chunks = (len(data) - 1) // cfg.block_size
-        bin_path, json_path = cache_paths(cache_dir, split)
-        header = {**made_by, "data": os.path.abspath(os.path.join(cfg.data_dir, f"{split}.bin")), "data_tokens": len(data),
-                  "n_chunks": n_chunks, "dtype": "uint16" if sae.n_latents <= 2**16 else "uint32", "done": 0}
+    if block_size > teacher_model.config.block_size:
+        raise SystemExit(f"error: block_size {block_size} exceeds the teacher's {teacher_model.config.block_size}")
+    if meta["vocab_size"] > teacher_model.config.vocab_size:
+        raise SystemExit(f"error: {data_dir} has a vocabulary of {meta['vocab_size']}, "
+                         f"the teacher {teacher_model.config.vocab_size}")
+    os.makedirs(out, exist_ok=True)
+    made_by = {**{k: config[k] for k in LABEL_SETTINGS if k in config}, "n_concepts": sae_model.n_concepts,
+               "teacher_fingerprint": fingerprint(teacher_model), "sae_fingerprint": fingerprint(sae_model)}
+    for s in ("train", "val") if split == "both" else (split,):
+        data = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r")
+        n_windows = (len(data) - 1) // block_size
+        bin_path, json_path = cache_paths(out, s)
+        header = {**made_by, "data": os.path.abspath(os.path.join(data_dir, f"{s}.bin")), "data_tokens": len(data),
+                  "n_windows": n_windows, "dtype": "uint16" if sae_model.n_concepts <= 2**16 else "uint32", "done": 0}
+        shape = (n_windows, block_size, k_attr)
         if os.path.exists(json_path) and os.path.exists(bin_path):
-            with open(json_path) as f:
-                old = json.load(f)
+            old = read_header(json_path)
             if {k: v for k, v in old.items() if k != "done"} != {k: v for k, v in header.items() if k != "done"}:
-                raise SystemExit(f"error: {json_path} holds labels made with other settings; delete {cache_dir} "
-                                 f"or choose another --cache_dir")
+                raise SystemExit(f"error: {json_path} holds labels made with other settings; delete {out} "
+                                 f"or choose another --label_cache")
             header["done"] = old["done"]
-            labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=(n_chunks, cfg.block_size, cfg.k_attr))
+            labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=shape)
         else:
-            labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=(n_chunks, cfg.block_size, cfg.k_attr))
+            labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape)
             write_header(json_path, header)
         t0, last_save = time.time(), time.time()
-        bar = tqdm(total=n_chunks * cfg.block_size, initial=header["done"] * cfg.block_size, unit="tok", unit_scale=True, desc=split)
-        for first in range(header["done"], n_chunks, cfg.batch_size):
-            ids = range(first, min(first + cfg.batch_size, n_chunks))
-            xy = np.stack([data[i * cfg.block_size:(i + 1) * cfg.block_size + 1] for i in ids]).astype(np.int64)
+        bar = tqdm(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,
+                   desc=s)
+        for first in range(header["done"], n_windows, batch_size):
+            ids = range(first, min(first + batch_size, n_windows))
+            xy = np.stack([data[i * block_size:(i + 1) * block_size + 1] for i in ids]).astype(np.int64)
             xy = torch.from_numpy(xy).to(device)
             with autocast:
                 labels[ids.start:ids.stop] = labeler(xy[:, :-1], xy[:, 1:]).cpu().numpy()
             header["done"] = ids.stop
-            bar.update(len(ids) * cfg.block_size)
-            if time.time() - last_save > 30 or ids.stop == n_chunks:  # progress survives an interruption
+            bar.update(len(ids) * block_size)
+            # progress survives an interruption: the labels first, then the header that counts them
+            if time.time() - last_save > 30 or ids.stop == n_windows:
                 labels.flush()
                 write_header(json_path, header)
                 last_save = time.time()
         bar.close()
         labels.flush()
         write_header(json_path, header)
-        print(f"{split}: {n_chunks * cfg.block_size:,} tokens labelled in {cache_dir} "
-              f"({n_chunks * cfg.block_size / max(time.time() - t0, 1e-9):,.0f} tok/s)")
+        print(f"{s}: {n_windows * block_size:,} tokens labelled in {out} "
+              f"({n_windows * block_size / max(time.time() - t0, 1e-9):,.0f} tok/s)")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ comment each, and calls `configure(globals())`; then
 runs the config files in order, then applies the overrides (`--key=value`, `--key value`, or a
 bare `--flag` for a boolean). Every value is checked against the type of its default; an unknown
 key fails with the list of valid ones; `--help` prints every key, its default and its comment.
+
+The settings are a script's public, lower-case globals of a plain type; UPPER_CASE names are
+constants and never settings.
 """
 
 import ast
@@ -18,8 +21,23 @@ BOOLS = {"true": True, "false": False, "1": True, "0": False}
 
 
 def config_keys(g):
-    """The settings of a script: its public globals of a plain type."""
-    return {k: v for k, v in g.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str, type(None)))}
+    """The settings of a script: its public, lower-case globals of a plain type."""
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in g.items() if not k.startswith("_") and k.islower() and isinstance(v, plain)}
+
+
+def script_settings(path):
+    """A script's settings and their defaults, read from its source without running it: every
+    assignment before its `configure(globals())`."""
+    g = {"__file__": path}
+    with open(path) as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if "configure(globals())" in ast.unparse(node):
+            return config_keys(g)
+        if isinstance(node, ast.Assign):
+            exec(compile(ast.Module([node], []), path, "exec"), g)
+    raise ValueError(f"{path} does not call configure(globals())")
 
 
 def coerce(key, value, default, from_cli=False):
@@ -31,7 +49,8 @@ def coerce(key, value, default, from_cli=False):
             try:
                 value = ast.literal_eval(value)
             except (ValueError, SyntaxError):
-                pass  # stays a string: accepted where the default is None, refused below otherwise
+                # it stays a string: accepted where the default is None, refused below otherwise
+                pass
     if default is None or type(value) is type(default):
         return value
     if isinstance(default, float) and type(value) is int:
@@ -44,11 +63,12 @@ def usage(g, keys):
     comments = {}
     with open(g["__file__"]) as f:
         for line in f:
-            m = re.match(r"^\s*(\w+)\s*=.*?#\s*(.*)$", line)  # also `key=value,  # ...` in a dict
+            m = re.match(r"^\s*(\w+)\s*=.*?#\s*(.*)$", line)
             if m:
                 comments[m.group(1)] = m.group(2)
     doc = (g.get("__doc__") or "").strip()
-    lines = [doc, "", f"usage: python {os.path.basename(g['__file__'])} [config.py ...] [--key=value ...]", ""]
+    script = os.path.basename(g["__file__"])
+    lines = [doc, "", f"usage: python {script} [config.py ...] [--key=value ...]", ""]
     width = max(len(k) for k in keys)
     lines += [f"  --{k:<{width}}  {keys[k]!r:<14} {comments.get(k, '')}" for k in keys]
     return "\n".join(lines)
@@ -82,12 +102,14 @@ def configure(g, argv=None):
                     raise SystemExit(f"error: unknown key {key!r} in {arg}; {valid}")
                 g[key] = coerce(key, value, keys[key])
             continue
-        key, eq, value = arg[2:].partition("=")  # partition: values may contain '=' themselves
+        # partition: values may contain '=' themselves
+        key, eq, value = arg[2:].partition("=")
         if key not in keys:
             raise SystemExit(f"error: unknown key {key!r}; {valid}")
         if not eq:
             if isinstance(keys[key], bool) and (i == len(argv) or argv[i].lower() not in BOOLS):
-                value = "True"  # a bare --flag
+                # a bare --flag
+                value = "True"
             elif i < len(argv) and not argv[i].startswith("--"):
                 value, i = argv[i], i + 1
             else:

@@ -10,6 +10,7 @@ import math
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -17,27 +18,39 @@ from torch.nn import functional as F
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
-# Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
-
 
 @dataclass
 class GPTConfig:
+    """The shape of a GPT, filled from train.py's settings of the same names (`--help` says what each
+    means). n_concepts = 0 is a plain GPT; above 0 the concept mixer of CoCoMix exists."""
     block_size: int = 1024
     vocab_size: int = 50257
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
     dropout: float = 0.0
-    bias: bool = True  # biases in Linears and LayerNorms, as GPT-2 has them
-    n_concepts: int = 0  # C, the concepts predicted (OpenAI's GPT-2 SAE: 32768); 0 is a plain GPT
-    concept_topk: int = 32  # concepts compressed into the continuous concept (eq. 3)
-    concept_layer: int = 3  # blocks below this index see tokens only; concepts are predicted and mixed here
-    mixing: str = "interleave"  # 'interleave' (the paper), 'add' (h + c_hat, intervention), 'none' (prediction only)
-    lam_concept: float = 0.1  # weight of the concept loss in the objective (eq. 4)
+    bias: bool = True
+    n_concepts: int = 0
+    concept_topk: int = 32
+    concept_layer: int = 3
+    mixing: str = "interleave"
+    lam_concept: float = 0.1
 
 
+# The GPTConfig fields of the concept mixer: a plain GPT leaves them at their defaults.
+CONCEPT_ARGS = ("n_concepts", "concept_topk", "concept_layer", "mixing", "lam_concept")
+# 'interleave' (the paper), 'add' (h + c_hat, the intervention ablation), 'none' (prediction only)
 MIXINGS = ("interleave", "add", "none")
+
+
+class Output(NamedTuple):
+    """What GPT.forward returns: logits (B, T, vocab_size); with targets, loss = ntp_loss + lam_concept x
+    concept_loss (eq. 4); concept_logits z (B, T, n_concepts) of a model with concepts."""
+    logits: torch.Tensor
+    loss: Optional[torch.Tensor] = None
+    ntp_loss: Optional[torch.Tensor] = None
+    concept_loss: Optional[torch.Tensor] = None
+    concept_logits: Optional[torch.Tensor] = None
 
 
 def layer_norm(x, eps=1e-5):
@@ -53,12 +66,14 @@ class KVCache:
     def __init__(self, max_len):
         self.max_len = max_len
         self.k, self.v = [None] * len(max_len), [None] * len(max_len)
-        self.pos = [0] * len(max_len)  # positions filled, per layer
-        self.tokens = 0  # tokens seen: above an interleave a layer holds two positions per token
+        # positions filled, per layer, and tokens seen: above an interleave a layer holds two positions a token
+        self.pos = [0] * len(max_len)
+        self.tokens = 0
 
     def update(self, layer, k, v):
         """Appends this step's k, v (B, nh, T, hs) and returns all keys and values so far."""
-        if self.k[layer] is None:  # allocated on first use, in the dtype autocast gives k and v
+        # allocated on first use, in the dtype autocast gives k and v
+        if self.k[layer] is None:
             B, nh, _, hs = k.shape
             self.k[layer] = k.new_zeros(B, nh, self.max_len[layer], hs)
             self.v[layer] = v.new_zeros(B, nh, self.max_len[layer], hs)
@@ -87,11 +102,13 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             k, v, past = cache.update(layer, k, v)
         dropout_p = self.dropout if self.training else 0.0
+        # is_causal aligns its triangle top-left, right only without a cache: one new query must see
+        # every cached key, and several new queries sit bottom-right of the keys
         if past == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
-        elif T == 1:  # one new query sees every cached key; is_causal would hide all but the first
+        elif T == 1:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        else:  # is_causal aligns its triangle top-left; new queries sit bottom-right of the keys
+        else:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -102,7 +119,8 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU(approximate="tanh")  # GPT-2's GELU; the exact erf form drifts from its logits
+        # GPT-2's GELU: the exact erf form drifts from its logits
+        self.gelu = nn.GELU(approximate="tanh")
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -124,39 +142,56 @@ class Block(nn.Module):
 
 
 class ConceptMixer(nn.Module):
-    """Predicts concepts from a hidden state and compresses the TopK of them into one vector."""
+    """Predicts concepts from a hidden state h and compresses the TopK of them into one vector
+    (paper §2.2; the LN and pre_bias mirror the SAE's):
+
+        z     = W_pred (LN(h) - pre_bias) + b_pred                           concept logits, (B, T, C)
+        c_hat = (W_comp TopK(z) + b_comp + pre_bias) * std(h) + mean(h)      eq. 3
+
+    TopK keeps the raw logits of the concept_topk largest entries (no ReLU) and zeroes the rest.
+    W_comp TopK(z) touches concept_topk columns of the (d, C) matrix W_comp, so it is computed as a
+    weighted gather of those columns (`embedding_bag` over the rows of `compressor`, which holds
+    W_comp transposed), equal to the dense product `TopK(z) @ compressor.weight`: the test
+    tests/test_cocomix.py::test_interleaving_order_and_readout_by_hand rebuilds it densely."""
 
     def __init__(self, config):
         super().__init__()
         self.k = config.concept_topk
-        self.pre_bias = nn.Parameter(torch.zeros(config.n_embd))  # mirrors the SAE's pre_bias
+        self.pre_bias = nn.Parameter(torch.zeros(config.n_embd))
         self.predictor = nn.Linear(config.n_embd, config.n_concepts)
-        self.compressor = None  # prediction only (mixing='none'): nothing to compress, nothing left unused under DDP
+        # prediction only (mixing='none') has nothing to compress, and so no parameter DDP would find unused
+        self.compressor = None
         if config.mixing != "none":
-            self.compressor = nn.Embedding(config.n_concepts, config.n_embd)  # row i: column i of W_comp
+            self.compressor = nn.Embedding(config.n_concepts, config.n_embd)
             self.compressor_bias = nn.Parameter(torch.zeros(config.n_embd))
 
     def forward(self, h, steer=None):
+        """(c_hat, z) for hidden states h (B, T, d); `steer` = {concept: scale} multiplies those entries
+        of z before the TopK (paper §3.2). c_hat is None for prediction only."""
         x, mu, std = layer_norm(h)
-        concept_logits = self.predictor(x - self.pre_bias)  # z_t, (B, T, C)
-        if steer:  # paper §3.2: scale chosen concepts before the TopK
+        concept_logits = self.predictor(x - self.pre_bias)
+        if steer:
             scale = torch.ones(concept_logits.size(-1), device=h.device, dtype=concept_logits.dtype)
             scale[list(steer)] = torch.tensor(list(steer.values()), dtype=scale.dtype, device=h.device)
             concept_logits = concept_logits * scale
         if self.compressor is None:
             return None, concept_logits
-        values, indices = concept_logits.topk(self.k, dim=-1)  # eq. 3: raw logits of the k largest, no ReLU
-        # W_comp TopK(z) touches k columns: a weighted gather, never a dense (..., C) x (C, d) product
+        values, indices = concept_logits.topk(self.k, dim=-1)
         c = F.embedding_bag(indices.flatten(0, -2), self.compressor.weight, mode="sum",
                             per_sample_weights=values.flatten(0, -2).to(self.compressor.weight.dtype))
-        c_hat = (c.view_as(h) + self.compressor_bias + self.pre_bias) * std + mu  # de-normalised like the SAE
+        c_hat = (c.view_as(h) + self.compressor_bias + self.pre_bias) * std + mu
         return c_hat, concept_logits
 
 
 class ConceptLoss(torch.autograd.Function):
-    """Eq. 2, the mean over the k_attr labels of CE(z_t, i) averaged over positions, holding no (N, C)
-    tensor beside z and its gradient: fp32 softmax statistics per chunk of positions, the gradient
-    written in z's own dtype (bf16 under autocast)."""
+    """Eq. 2 for logits z (N, C) and labels (N, k_attr), the mean over positions and labels of the
+    cross-entropy of z_t against each label i:
+
+        concept_loss = -log_softmax(z, dim=-1).gather(-1, labels).mean()
+
+    Computed equal to that (tests/test_cocomix.py::test_chunked_concept_loss_matches_autograd) but
+    without holding a second (N, C) tensor beside z and its gradient: fp32 softmax statistics per
+    chunk of positions, the gradient written in z's own dtype (bf16 under autocast)."""
 
     @staticmethod
     def forward(ctx, z, labels, chunk=1024):
@@ -171,15 +206,11 @@ class ConceptLoss(torch.autograd.Function):
         scale = grad_out / z.size(0)
         grad = torch.empty_like(z)
         for s in range(0, z.size(0), ctx.chunk):
-            g = torch.exp(z[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]) * scale  # softmax
+            # d/dz of the mean: softmax(z) - the labels' one-hot mean, scaled
+            g = torch.exp(z[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]) * scale
             lab = labels[s:s + ctx.chunk]
             grad[s:s + ctx.chunk] = g.scatter_add_(-1, lab, (-scale / lab.size(-1)).expand(lab.shape).contiguous())
         return grad, None, None
-
-
-def concept_loss(concept_logits, labels):
-    """Eq. 2 for concept logits (B, T, C) and labels (B, T, k_attr)."""
-    return ConceptLoss.apply(concept_logits.flatten(0, -2), labels.flatten(0, -2))
 
 
 class GPT(nn.Module):
@@ -200,10 +231,12 @@ class GPT(nn.Module):
             assert config.concept_topk <= config.n_concepts, "concept_topk must not exceed n_concepts"
             self.concepts = ConceptMixer(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied, as in GPT-2
+        # tied, as in GPT-2
+        self.transformer.wte.weight = self.lm_head.weight
         self.apply(self._init_weights)
+        # GPT-2: the residual projections scaled by depth
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):  # GPT-2: residual projections scaled by depth
+            if name.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
@@ -222,32 +255,48 @@ class GPT(nn.Module):
             n -= (self.config.n_concepts - self.config.concept_topk) * self.config.n_embd
         return n
 
-    def forward(self, idx, targets=None, concept_labels=None, cache=None, steer=None, return_parts=False):
-        """Logits (B, T, vocab) and the loss: NTP, plus lam_concept x the concept loss given labels
-        (B, T, k_attr) (eq. 4). `steer` = {concept: scale}; `return_parts` gives a dict of the parts."""
+    def forward(self, idx, targets=None, concept_labels=None, cache=None, steer=None):
+        """An Output for tokens idx (B, T): the logits, and given next tokens `targets` (B, T) the loss,
+        NTP plus lam_concept x the concept loss of `concept_labels` (B, T, k_attr) (eq. 4). `cache`: a
+        KVCache for generation; `steer` = {concept: scale} (paper §3.2)."""
         cfg = self.config
+        mixing = cfg.mixing if self.concepts is not None else None
+        mix_at = cfg.concept_layer if self.concepts is not None else cfg.n_layer
         x = self.embed(idx, past=cache.tokens if cache is not None else 0)
+
+        # the lower blocks see tokens only
+        for i in range(mix_at):
+            x = self.transformer.h[i](x, cache, i)
+
+        # predict concepts and mix them in: interleaved to (h_1, c_hat_1, h_2, c_hat_2, ...), 2T positions
+        # under ordinary causal attention, or added to the hidden states
         concept_logits = None
-        for i, block in enumerate(self.transformer.h):
-            if self.concepts is not None and i == cfg.concept_layer:
-                c_hat, concept_logits = self.concepts(x, steer)
-                if cfg.mixing == "interleave":  # (h_1, c_1, h_2, c_2, ...): causal attention over 2T
-                    x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
-                elif cfg.mixing == "add":
-                    x = x + c_hat
-            x = block(x, cache, i)
+        if self.concepts is not None:
+            c_hat, concept_logits = self.concepts(x, steer)
+            if mixing == "interleave":
+                x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
+            elif mixing == "add":
+                x = x + c_hat
+
+        # the upper blocks
+        for i in range(mix_at, cfg.n_layer):
+            x = self.transformer.h[i](x, cache, i)
         if cache is not None:
             cache.tokens += idx.size(1)
-        if self.concepts is not None and cfg.mixing == "interleave":
-            x = x[:, 1::2]  # the next token is read at the concept positions
+
+        # readout: after an interleave the next token is read at the concept positions 1, 3, 5, ...
+        if mixing == "interleave":
+            x = x[:, 1::2]
         logits = self.lm_head(self.transformer.ln_f(x))
-        parts = {"logits": logits, "concept_logits": concept_logits, "loss": None}
-        if targets is not None:
-            parts["ntp_loss"] = parts["loss"] = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        if concept_labels is not None:
-            parts["concept_loss"] = concept_loss(concept_logits, concept_labels)
-            parts["loss"] = parts["loss"] + cfg.lam_concept * parts["concept_loss"]
-        return parts if return_parts else (logits, parts["loss"])
+
+        # the objective: NTP, plus lam_concept x the concept loss of eq. 2 (eq. 4)
+        if targets is None:
+            return Output(logits, concept_logits=concept_logits)
+        ntp_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+        if concept_labels is None:
+            return Output(logits, ntp_loss, ntp_loss, concept_logits=concept_logits)
+        c_loss = ConceptLoss.apply(concept_logits.flatten(0, -2), concept_labels.flatten(0, -2))
+        return Output(logits, ntp_loss + cfg.lam_concept * c_loss, ntp_loss, c_loss, concept_logits)
 
     def new_cache(self):
         """An empty KV cache: above an interleave each token takes two positions."""
@@ -257,7 +306,7 @@ class GPT(nn.Module):
 
     def embed(self, idx, past=0):
         T = idx.size(1)
-        assert past + T <= self.config.block_size, f"sequence of {past + T} tokens > block_size {self.config.block_size}"
+        assert past + T <= self.config.block_size, f"{past + T} tokens > block_size {self.config.block_size}"
         pos = torch.arange(past, past + T, dtype=torch.long, device=idx.device)
         return self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
 
@@ -284,40 +333,43 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """GPT-2 weights in Hugging Face's layout, from a local folder or a hub id (`gpt2`, ...)."""
-        if os.path.isdir(name_or_dir):
-            folder = name_or_dir
-        elif name_or_dir in GPT2_SIZES:
+        if name_or_dir in GPT2_SIZES and not os.path.isdir(name_or_dir):
             from huggingface_hub import snapshot_download
-            folder = snapshot_download(f"openai-community/{name_or_dir}", allow_patterns=["config.json", "model.safetensors"])
-        else:
+            name_or_dir = snapshot_download(f"openai-community/{name_or_dir}",
+                                            allow_patterns=["config.json", "model.safetensors"])
+        elif not os.path.isdir(name_or_dir):
             raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {', '.join(GPT2_SIZES)}")
-        if not os.path.exists(os.path.join(folder, "config.json")):
+        folder, file = name_or_dir, lambda name: os.path.join(name_or_dir, name)
+        if not os.path.exists(file("config.json")):
             raise ValueError(f"{folder} is not a Hugging Face GPT-2 folder (no config.json)")
-        with open(os.path.join(folder, "config.json")) as f:
+        with open(file("config.json")) as f:
             hf = json.load(f)
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-        if os.path.exists(os.path.join(folder, "model.safetensors")):
+        if os.path.exists(file("model.safetensors")):
             from safetensors.torch import load_file
-            sd_hf = load_file(os.path.join(folder, "model.safetensors"))
-        elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-            sd_hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            sd_hf = load_file(file("model.safetensors"))
+        elif os.path.exists(file("pytorch_model.bin")):
+            sd_hf = torch.load(file("pytorch_model.bin"), map_location="cpu", weights_only=True)
         else:
             raise ValueError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
         model = cls(config)
         sd = model.state_dict()
-        missing = set(sd) - {"transformer.wte.weight"}  # tied: filled through lm_head.weight
+        # wte is tied: filled through lm_head.weight. HF's Conv1D weights are stored (in, out).
+        missing = set(sd) - {"transformer.wte.weight"}
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         for key, value in sd_hf.items():
             key = key.removeprefix("transformer.")
+            # skip the causal-mask buffers, and the head that is tied to wte
             if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
-                continue  # causal-mask buffers, and the head that is tied to wte
+                continue
             ours = "lm_head.weight" if key == "wte.weight" else f"transformer.{key}"
             if ours not in sd:
                 raise ValueError(f"unexpected key {key!r} in {folder}")
-            value = value.t() if key.endswith(conv1d) else value  # HF's Conv1D stores (in, out)
+            value = value.t() if key.endswith(conv1d) else value
             if value.shape != sd[ours].shape:
-                raise ValueError(f"{key}: shape {tuple(value.shape)} in {folder}, config.json implies {tuple(sd[ours].shape)}")
+                raise ValueError(f"{key}: shape {tuple(value.shape)} in {folder}, "
+                                 f"config.json implies {tuple(sd[ours].shape)}")
             with torch.no_grad():
                 sd[ours].copy_(value)
             missing.discard(ours)
@@ -356,21 +408,14 @@ class GPT(nn.Module):
         Above an interleave each token is two positions attending over 2T: twice the block weights,
         four times the attention."""
         cfg = self.config
-        n_matmul = self.get_num_params() - self.transformer.wpe.weight.numel()  # wte counts once, as the head
+        # wte counts once, as the head
+        n_matmul = self.get_num_params() - self.transformer.wpe.weight.numel()
         attention_layers = cfg.n_layer
         if self.concepts is not None and cfg.mixing == "interleave":
             upper = self.transformer.h[cfg.concept_layer:]
             n_matmul += sum(p.numel() for p in upper.parameters())
             attention_layers += 3 * len(upper)
         return 6 * n_matmul + 12 * attention_layers * cfg.n_embd * cfg.block_size
-
-    def estimate_mfu(self, tokens_per_s, device):
-        """Model FLOPs utilisation against the device's dense bf16 peak; None where the peak is unknown."""
-        if device.type != "cuda":
-            return None
-        name = torch.cuda.get_device_name(device)
-        peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
-        return None if peak is None else self.flops_per_token() * tokens_per_s / peak
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, concept_top=0):
@@ -380,16 +425,16 @@ class GPT(nn.Module):
         block_size = self.config.block_size
         cache, predicted = None, []
         for _ in range(max_new_tokens):
+            # (Re)fill the cache; once the context outgrows block_size every position shifts,
+            # so the window is recomputed each step, exactly as without a cache.
             if cache is None or cache.tokens == block_size:
-                # (Re)fill the cache; once the context outgrows block_size every position shifts,
-                # so the window is recomputed each step, exactly as without a cache.
                 cache = self.new_cache()
-                parts = self(idx[:, -block_size:], cache=cache, steer=steer, return_parts=True)
+                out = self(idx[:, -block_size:], cache=cache, steer=steer)
             else:
-                parts = self(idx[:, -1:], cache=cache, steer=steer, return_parts=True)
-            logits = parts["logits"][:, -1, :]
+                out = self(idx[:, -1:], cache=cache, steer=steer)
+            logits = out.logits[:, -1, :]
             if concept_top:
-                predicted.append(parts["concept_logits"][:, -1].float().topk(concept_top, dim=-1))
+                predicted.append(out.concept_logits[:, -1].float().topk(concept_top, dim=-1))
             if temperature == 0:
                 idx_next = logits.argmax(dim=-1, keepdim=True)
             else:
@@ -405,13 +450,14 @@ class GPT(nn.Module):
 
 
 def load_checkpoint(path, map_location="cpu"):
-    """Reads a train.py checkpoint (a .pt file or the out_dir holding ckpt.pt) with `weights_only=True`."""
-    if not path.endswith(".pt"):  # an out_dir
+    """Reads a train.py checkpoint (a .pt file or the out_dir holding ckpt.pt) with `weights_only=True`,
+    memory-mapped: the processes of a host share one copy."""
+    if not path.endswith(".pt"):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)  # mmap: one copy per host
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
     missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
@@ -425,8 +471,10 @@ def device_and_autocast(device="auto", dtype="auto"):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = "cuda" if device.startswith("cuda") else "cpu"
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+    if dtype == "auto" and device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    elif dtype == "auto":
+        dtype = "float32"
     if dtype == "float32":
         return device, dtype, nullcontext()
     ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]

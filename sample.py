@@ -14,7 +14,7 @@ import torch
 from configurator import configure
 from model import GPT, device_and_autocast, load_checkpoint
 from prepare import Tokenizer
-from sae import OPENAI_SAE_URL, TopKSAE, steering_hook
+from sae import TopKSAE, steering_hook
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 size ('gpt2', ...) or a Hugging Face GPT-2 folder
 out_dir = "out"  # where train.py wrote ckpt.pt
@@ -24,14 +24,14 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # 1.0 samples the model as is, below 1 sharper, 0 greedy
 top_k = 200  # sample among the k most likely tokens only (0: all)
 steer = ""  # concepts to scale at every position, before the TopK: '12783=5' or '12783=5,19193=-3'
-show_concepts = False  # print the top 5 predicted concepts at each generated token, with their compressor-weight norm
-sae_steer = False  # steer the (plain GPT) model's SAE latent instead: scaled at sae_layer, decoded back into the stream
+show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
+sae_steer = False  # steer the (plain GPT) model's SAE latent instead: scaled at sae_layer, decoded into the stream
 sae = "openai"  # for sae_steer: an SAE file, URL, or 'openai' (OpenAI's GPT-2 small SAE at sae_layer)
 sae_layer = 5  # for sae_steer: the block whose output the SAE reads
 concept_norms = False  # print the compressor-weight norm of each concept and the share below 1e-2, then exit
 seed = 1337  # random seed
 device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', ...
-dtype = "auto"  # 'auto' (bfloat16 on CUDA where supported, else float16; float32 on CPU), 'float32', 'bfloat16', 'float16'
+dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
 configure(globals())
 # -----------------------------------------------------------------------------
 
@@ -44,7 +44,8 @@ def parse_steer(text, n_concepts):
         try:
             index, scale = int(index), float(scale)
         except ValueError:
-            raise SystemExit(f"error: --steer takes CONCEPT=SCALE pairs separated by commas, e.g. 12783=5,19193=-3; got {item!r}")
+            raise SystemExit(f"error: --steer takes CONCEPT=SCALE pairs separated by commas, e.g. 12783=5,19193=-3; "
+                             f"got {item!r}")
         if not eq or not 0 <= index < n_concepts:
             raise SystemExit(f"error: --steer {item!r}: the concept index must be in [0, {n_concepts})")
         scales[index] = scale
@@ -71,23 +72,26 @@ if concept_norms:
     norms = mixer.compressor.weight.float().norm(dim=1).cpu()
     order = norms.argsort(descending=True)
     print(f"compressor-weight norms of {len(norms)} concepts: {(norms < 1e-2).float().mean().item():.1%} below 1e-2")
-    print("quantiles (0, 25, 50, 75, 100%): " + ", ".join(f"{q:.4f}" for q in norms.quantile(torch.linspace(0, 1, 5)).tolist()))
+    quantiles = norms.quantile(torch.linspace(0, 1, 5)).tolist()
+    print("quantiles (0, 25, 50, 75, 100%): " + ", ".join(f"{q:.4f}" for q in quantiles))
     print("largest: " + ", ".join(f"{i}: {norms[i]:.4f}" for i in order[:20].tolist()))
     raise SystemExit(0)
 
 scales = None
 if sae_steer:
     if mixer is not None:
-        raise SystemExit("error: --sae_steer steers a plain GPT (the teacher); this model has concepts of its own: use --steer")
+        raise SystemExit("error: --sae_steer steers a plain GPT (the teacher); this model has concepts of its own: "
+                         "use --steer")
     try:
-        sae_model = TopKSAE.load(OPENAI_SAE_URL.format(layer=sae_layer) if sae == "openai" else sae).to(device)
+        sae_model = TopKSAE.load(sae, sae_layer).to(device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     if sae_model.d_model != model.config.n_embd or not 0 <= sae_layer < model.config.n_layer:
         raise SystemExit(f"error: the SAE (width {sae_model.d_model}) does not fit block {sae_layer} of this model "
                          f"({model.config.n_layer} blocks of width {model.config.n_embd})")
     if steer:
-        model.transformer.h[sae_layer].register_forward_hook(steering_hook(sae_model, parse_steer(steer, sae_model.n_latents)))
+        hook = steering_hook(sae_model, parse_steer(steer, sae_model.n_concepts))
+        model.transformer.h[sae_layer].register_forward_hook(hook)
 elif steer:
     if mixer is None:
         raise SystemExit("error: --steer: this model has no concepts (it was trained with objective='ntp'); "
@@ -116,10 +120,14 @@ with torch.no_grad(), autocast:
     for _ in range(num_samples):
         if show_concepts:
             y, (values, indices) = model.generate(x, max_new_tokens, temperature, top_k or None, scales, concept_top=5)
-            norms = mixer.compressor.weight.float().norm(dim=1) if mixer.compressor is not None else torch.zeros(model.config.n_concepts)
+            if mixer.compressor is not None:
+                norms = mixer.compressor.weight.float().norm(dim=1)
+            else:
+                norms = torch.zeros(model.config.n_concepts)
             print(tokenizer.decode(x[0].tolist()), end="")
             for t, token in enumerate(y[0, x.size(1):].tolist()):
-                concepts = "  ".join(f"{i} (z {v:.2f}, |w| {norms[i]:.3f})" for v, i in zip(values[0, t].tolist(), indices[0, t].tolist()))
+                predicted = zip(values[0, t].tolist(), indices[0, t].tolist())
+                concepts = "  ".join(f"{i} (z {v:.2f}, |w| {norms[i]:.3f})" for v, i in predicted)
                 print(f"\n{tokenizer.decode([token])!r:>12}  {concepts}", end="")
             print()
         else:

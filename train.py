@@ -1,13 +1,12 @@
 """
-Trains a GPT with next-token prediction; one loop from a laptop CPU to many GPUs.
+Trains a GPT with next-token prediction (NTP) or CoCoMix; one loop from a laptop CPU to many GPUs.
 
     python train.py config/tiny.py
     python train.py config/ntp_69m.py --batch_size=8 --compile=False
-    torchrun --standalone --nproc_per_node=8 train.py config/ntp_69m.py
+    torchrun --standalone --nproc_per_node=8 train.py config/cocomix_386m.py
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
 """
 
-import json
 import math
 import os
 import time
@@ -20,15 +19,20 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from attribution import LABEL_SETTINGS, ConceptLabeler, LabelCache
 from configurator import configure
-from attribution import ConceptLabeler, LabelCache
-from model import GPT, GPTConfig, device_and_autocast, load_checkpoint
+from files import atomic_write, metrics_log
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, load_checkpoint
 from prepare import load_meta
-from sae import OPENAI_SAE_URL, TopKSAE
+from sae import TopKSAE
+
+# Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "4090": 165e12}
 
 # I/O
 out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
-init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 size ('gpt2', 'gpt2-medium', ...) or a Hugging Face GPT-2 folder
+init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 size ('gpt2', ...) or a Hugging Face GPT-2 folder
 eval_interval = 1000  # steps between validation and checkpoint
 eval_iters = 50  # validation batches per evaluation
 log_interval = 10  # steps between progress lines
@@ -37,7 +41,7 @@ wandb_project = "cocomix"  # wandb project
 wandb_run_name = "run"  # wandb run name
 # data
 data_dir = "data/openwebtext"  # a folder made by prepare.py
-batch_tokens = 524288  # global batch in tokens (the paper: 0.5M); accumulation adapts to the process count
+batch_tokens = 524288  # global batch in tokens (the paper: 0.5M); accumulation adapts to the processes
 batch_size = 16  # sequences per forward pass in each process
 block_size = 1024  # context length
 # model
@@ -71,16 +75,18 @@ warmup_frac = 1 / 300  # share of the steps spent warming up linearly
 min_lr_frac = 0.1  # the cosine ends at this share of the peak
 # system
 device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
-dtype = "auto"  # 'auto' (bfloat16 on CUDA where supported, else float16; float32 on CPU), 'float32', 'bfloat16', 'float16'
+dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
 compile = True  # torch.compile the model (CUDA only: on CPU it costs more than it saves)
 seed = 1337  # seeds the initialisation, the data order and dropout
 config = configure(globals())
 # -----------------------------------------------------------------------------
+# processes and devices
 
-ddp = "RANK" in os.environ  # launched by torchrun
+ddp = "RANK" in os.environ
 if ddp:
     rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device in ("auto", "cuda"):  # one GPU per process
+    # one GPU per process
+    if device in ("auto", "cuda"):
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
@@ -95,44 +101,75 @@ torch.backends.cudnn.allow_tf32 = True
 
 tokens_per_pass = batch_size * block_size * world_size
 if batch_tokens % tokens_per_pass:
-    raise SystemExit(f"error: batch_tokens={batch_tokens} is not a multiple of batch_size*block_size*processes={tokens_per_pass}")
+    raise SystemExit(f"error: batch_tokens={batch_tokens} is not a multiple of "
+                     f"batch_size*block_size*processes={tokens_per_pass}")
 grad_accum = batch_tokens // tokens_per_pass
 if master:
     os.makedirs(out_dir, exist_ok=True)
-    print(f"{world_size} process(es) x {grad_accum} accumulation step(s) x {batch_size} x {block_size} = {batch_tokens:,} tokens per step")
+    print(f"{world_size} process(es) x {grad_accum} accumulation step(s) x {batch_size} x {block_size} "
+          f"= {batch_tokens:,} tokens per step")
 
-# data: fixed-length chunks of block_size + 1 tokens, aligned to block_size, in an order that is a
-# function of (seed, sample number) alone, so the data position of a run is its step count
+# -----------------------------------------------------------------------------
+# data: windows of block_size + 1 tokens, aligned to block_size, in an order that is a function of
+# (seed, sample number) alone, so that the data position of a run is its step count
+
 try:
     meta = load_meta(data_dir)
 except FileNotFoundError as e:
     raise SystemExit(f"error: {e}")
 data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r") for s in ("train", "val")}
-n_chunks = {s: (len(d) - 1) // block_size for s, d in data.items()}
-for s, n in n_chunks.items():
+n_windows = {s: (len(d) - 1) // block_size for s, d in data.items()}
+for s, n in n_windows.items():
     if n < 1:
-        raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than block_size+1={block_size + 1}")
+        raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than "
+                         f"block_size+1={block_size + 1}")
+
+# concept labels: online from the teacher and SAE, or from a cache made by attribution.py
+if objective not in ("ntp", "cocomix"):
+    raise SystemExit(f"error: objective must be 'ntp' or 'cocomix', not {objective!r}")
+if objective == "cocomix" and init_from not in ("scratch", "resume"):
+    raise SystemExit("error: init_from a GPT-2 trains with objective='ntp' (GPT-2 has no concept mixer to start from)")
+labeler, label_caches = None, {}
+if objective == "cocomix":
+    try:
+        if label_cache:
+            expect = {k: config[k] for k in LABEL_SETTINGS}
+            label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
+        else:
+            sae_model = TopKSAE.load(sae, sae_layer)
+            if sae_model.n_concepts != n_concepts:
+                raise ValueError(f"the SAE has {sae_model.n_concepts} latents, n_concepts is {n_concepts}")
+            teacher_model = GPT.load(teacher)
+            t = teacher_model.config
+            if t.vocab_size < meta["vocab_size"] or t.block_size < block_size:
+                raise ValueError(f"the teacher (vocabulary {t.vocab_size}, {t.block_size} positions) cannot read "
+                                 f"{data_dir} (vocabulary {meta['vocab_size']}) at block_size {block_size}")
+            labeler = ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source,
+                                     label_sign)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: concept labels: {e}")
 
 
 @lru_cache(maxsize=2)
 def epoch_order(epoch):
-    return torch.randperm(n_chunks["train"], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return torch.randperm(n_windows["train"], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
 
 
 def to_device(t):
     return t.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else t
 
 
-def get_batch(split, chunk_ids):
-    """Tokens x, next tokens y and, for CoCoMix, concept labels (B, T, k_attr) of the chunks."""
+def get_batch(split, window_ids):
+    """Tokens x, next tokens y and, for CoCoMix, concept labels (B, T, k_attr) of the windows."""
     d = data[split]
-    x = torch.from_numpy(np.stack([d[i * block_size:(i + 1) * block_size] for i in chunk_ids]).astype(np.int64))
-    y = torch.from_numpy(np.stack([d[i * block_size + 1:(i + 1) * block_size + 1] for i in chunk_ids]).astype(np.int64))
-    x, y = to_device(x), to_device(y)
+    x = np.stack([d[i * block_size:(i + 1) * block_size] for i in window_ids]).astype(np.int64)
+    y = np.stack([d[i * block_size + 1:(i + 1) * block_size + 1] for i in window_ids]).astype(np.int64)
+    x, y = to_device(torch.from_numpy(x)), to_device(torch.from_numpy(y))
     if objective == "ntp":
         return x, y, None
-    if label_caches:  # every position has its next token inside the chunk, the last one too
-        return x, y, to_device(label_caches[split][chunk_ids])
+    # a cache labels every position of a window, the last one too: its next token is the window's +1
+    if label_caches:
+        return x, y, to_device(label_caches[split][window_ids])
     with autocast:
         return x, y, labeler(x, y)
 
@@ -140,55 +177,32 @@ def get_batch(split, chunk_ids):
 def train_batch(step, micro_step):
     """This process's share of the global batch of `step`; the same samples for any process count."""
     first = step * batch_tokens // block_size + (micro_step * world_size + rank) * batch_size
-    n = torch.arange(first, first + batch_size)
-    return get_batch("train", [int(epoch_order(int(i) // n_chunks["train"])[int(i) % n_chunks["train"]]) for i in n])
+    n = n_windows["train"]
+    return get_batch("train", [int(epoch_order(i // n)[i % n]) for i in range(first, first + batch_size)])
 
 
-# concept labels: online from the teacher and SAE, or from a cache made by attribution.py
-labeler, label_caches = None, {}
-if objective not in ("ntp", "cocomix"):
-    raise SystemExit(f"error: objective must be 'ntp' or 'cocomix', not {objective!r}")
-if objective == "cocomix" and init_from not in ("scratch", "resume"):
-    raise SystemExit("error: init_from a GPT-2 trains with objective='ntp' (GPT-2 has no concept mixer to start from)")
-if objective == "cocomix":
-    try:
-        if label_cache:
-            expect = {"teacher": teacher, "sae": sae, "layer": sae_layer, "k_attr": k_attr, "source": label_source,
-                      "sign": label_sign, "block_size": block_size, "n_latents": n_concepts}
-            label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in ("train", "val")}
-        else:
-            sae_model = TopKSAE.load(OPENAI_SAE_URL.format(layer=sae_layer) if sae == "openai" else sae)
-            if sae_model.n_latents != n_concepts:
-                raise ValueError(f"the SAE has {sae_model.n_latents} latents, n_concepts is {n_concepts}")
-            teacher_model = GPT.load(teacher)
-            if teacher_model.config.vocab_size < meta["vocab_size"] or teacher_model.config.block_size < block_size:
-                raise ValueError(f"the teacher (vocabulary {teacher_model.config.vocab_size}, {teacher_model.config.block_size} "
-                                 f"positions) cannot read {data_dir} (vocabulary {meta['vocab_size']}) at block_size {block_size}")
-            labeler = ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source, label_sign)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: concept labels: {e}")
+# -----------------------------------------------------------------------------
+# the model: seeded here, so that loading a teacher and SAE above leaves the initialisation as it is
 
-
-# model: seeded here, so that loading a teacher and SAE above leaves the initialisation as it is
 torch.manual_seed(seed + rank)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta["vocab_size"], dropout=dropout)
 if objective == "cocomix":
-    model_args.update(n_concepts=n_concepts, concept_topk=concept_topk, concept_layer=concept_layer, mixing=mixing,
-                      lam_concept=lam_concept)
+    model_args.update({k: config[k] for k in CONCEPT_ARGS})
+# the settings a resumed run must share with its checkpoint
+resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", *CONCEPT_ARGS, "k_attr")
 start_step, ckpt = 0, None
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
 elif init_from == "resume":
     try:
         ckpt = load_checkpoint(out_dir)
-        shape_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", "n_concepts", "concept_topk",
-                      "concept_layer", "mixing", "lam_concept", "k_attr")
-        differ = {k: (ckpt["config"].get(k), config[k]) for k in shape_keys if ckpt["config"].get(k) != config[k]}
+        differ = {k: (ckpt["config"].get(k), config[k]) for k in resume_keys if ckpt["config"].get(k) != config[k]}
         if differ:
             raise ValueError("the checkpoint in {} was made with other settings: {}".format(
                 out_dir, ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items())))
-        model = GPT.from_checkpoint(ckpt)  # the architecture is the checkpoint's, also after a GPT-2 fine-tune
+        # the architecture is the checkpoint's, also after a GPT-2 fine-tune
+        model = GPT.from_checkpoint(ckpt)
     except (FileNotFoundError, ValueError, KeyError) as e:
         raise SystemExit(f"error: cannot resume: {e}")
     model_args, start_step = ckpt["model_args"], ckpt["step"]
@@ -201,9 +215,11 @@ else:
     except ValueError as e:
         raise SystemExit(f"error: init_from: {e}")
     if model.config.vocab_size != meta["vocab_size"]:
-        raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size}, {data_dir} one of {meta['vocab_size']}")
+        raise SystemExit(f"error: {init_from} has a vocabulary of {model.config.vocab_size}, "
+                         f"{data_dir} one of {meta['vocab_size']}")
     if block_size > model.config.block_size:
-        raise SystemExit(f"error: block_size={block_size} exceeds the {model.config.block_size} positions of {init_from}")
+        raise SystemExit(f"error: block_size={block_size} exceeds the {model.config.block_size} positions "
+                         f"of {init_from}")
     if block_size < model.config.block_size:
         model.crop_block_size(block_size)
     model_args = asdict(model.config)
@@ -216,16 +232,20 @@ optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == world_size:  # the same process count continues each stream exactly
+    # the same process count continues each random stream exactly
+    if len(ckpt["rng"]) == world_size:
         torch.set_rng_state(ckpt["rng"][rank]["cpu"])
         if device_type == "cuda" and "cuda" in ckpt["rng"][rank]:
             torch.cuda.set_rng_state(ckpt["rng"][rank]["cuda"], device)
-    ckpt = None  # free the memory
+    ckpt = None
 raw_model = model
 if compile and device_type == "cuda":
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+# -----------------------------------------------------------------------------
+# the schedule, the metrics, validation, checkpoints
 
 
 def get_lr(step):
@@ -237,32 +257,35 @@ def get_lr(step):
     return learning_rate * (min_lr_frac + (1 - min_lr_frac) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-METRICS = ("loss", "ntp_loss", "concept_loss", "concept_top1", "concept_top4")[:5 if objective == "cocomix" else 2]
+# concept_top1 / concept_top_k_attr: the share of the predicted top-1 / top-k_attr concepts that are
+# among the labels
+METRICS = ["loss", "ntp_loss"]
+if objective == "cocomix":
+    METRICS += ["concept_loss", "concept_top1", "concept_top_k_attr"]
 
 
-def step_metrics(x, y, labels):
-    """Forward pass and its metrics: the loss, its parts and, for CoCoMix, concept accuracy (the share of
-    the predicted top-1 / top-k_attr concepts that are among the labels)."""
-    with autocast:
-        parts = model(x, y, labels, return_parts=True)
-    m = {"loss": parts["loss"], "ntp_loss": parts["ntp_loss"]}
+@torch.no_grad()
+def metrics(out, labels):
+    """The METRICS of a forward pass, as one float64 tensor."""
+    values = [out.loss, out.ntp_loss]
     if labels is not None:
-        with torch.no_grad():
-            top = parts["concept_logits"].topk(labels.size(-1), dim=-1).indices
-            hits = (top[..., :, None] == labels[..., None, :]).any(-1).float()
-        m.update(concept_loss=parts["concept_loss"], concept_top1=hits[..., 0].mean(), concept_top4=hits.mean())
-    return m
+        top = out.concept_logits.topk(labels.size(-1), dim=-1).indices
+        hits = (top[..., :, None] == labels[..., None, :]).any(-1).float()
+        values += [out.concept_loss, hits[..., 0].mean(), hits.mean()]
+    return torch.stack([v.detach().double() for v in values])
 
 
 @torch.no_grad()
 def estimate_val():
     """Mean metrics over eval_iters fixed batches spread through val.bin, shared out among processes."""
     model.eval()
-    ids = torch.linspace(0, n_chunks["val"] - 1, eval_iters * batch_size).long().view(eval_iters, batch_size)
+    ids = torch.linspace(0, n_windows["val"] - 1, eval_iters * batch_size).long().view(eval_iters, batch_size)
     sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for k in range(rank, eval_iters, world_size):
-        m = step_metrics(*get_batch("val", ids[k].tolist()))
-        sums += torch.stack([m[name].double() for name in METRICS])
+        x, y, labels = get_batch("val", ids[k].tolist())
+        with autocast:
+            out = model(x, y, labels)
+        sums += metrics(out, labels)
     model.train()
     if ddp:
         dist.all_reduce(sums)
@@ -283,36 +306,39 @@ def rng_states():
 def save_checkpoint(step, rng):
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "config": config, "meta": meta, "step": step, "rng": rng}
-    path = os.path.join(out_dir, "ckpt.pt")
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous checkpoint
+    with atomic_write(os.path.join(out_dir, "ckpt.pt")) as tmp:
+        torch.save(ckpt, tmp)
 
 
-metrics_path = os.path.join(out_dir, "metrics.jsonl")
 if master:
-    kept = []
-    if init_from == "resume" and os.path.exists(metrics_path):  # drop lines logged after the checkpoint
-        with open(metrics_path) as f:
-            lines = [line for line in f if line.endswith("\n")]  # a line cut short by a kill is dropped
-        kept = [line for line in lines if json.loads(line)["step"] <= start_step]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(kept)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    append_metrics = metrics_log(out_dir, start_step if init_from == "resume" else None)
     if wandb_log:
         import wandb
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, resume="allow")
 
 
 def log(record):
-    with open(metrics_path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    append_metrics(record)
     if wandb_log:
         wandb.log(record, step=record["step"])
 
 
+def estimate_mfu(tokens_per_s):
+    """Model FLOPs utilisation of one process against its GPU's dense bf16 peak; None where unknown."""
+    if device_type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    return None if peak is None else raw_model.flops_per_token() * tokens_per_s / peak
+
+
+# -----------------------------------------------------------------------------
+# the loop
+
 step = start_step
 t0, t0_step = time.time(), step
-sums, sum_steps = torch.zeros(len(METRICS), dtype=torch.float64, device=device), 0  # training metrics since the last line
+# training metrics summed since the last progress line
+sums, sum_steps = torch.zeros(len(METRICS), dtype=torch.float64, device=device), 0
 while True:
     last = step >= max_iters
     if (step % eval_interval == 0 and (step > start_step or init_from != "resume")) or last:
@@ -332,11 +358,13 @@ while True:
         group["lr"] = lr
     for micro_step in range(grad_accum):
         x, y, labels = train_batch(step, micro_step)
-        sync = not ddp or micro_step == grad_accum - 1  # all-reduce gradients once per step
+        # DDP all-reduces the gradients once a step, at its last micro-step
+        sync = not ddp or micro_step == grad_accum - 1
         with nullcontext() if sync else model.no_sync():
-            m = step_metrics(x, y, labels)
-            scaler.scale(m["loss"] / grad_accum).backward()
-        sums += torch.stack([m[name].detach().double() for name in METRICS])
+            with autocast:
+                out = model(x, y, labels)
+            scaler.scale(out.loss / grad_accum).backward()
+        sums += metrics(out, labels)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -354,11 +382,11 @@ while True:
         sum_steps = 0
         dt = (time.time() - t0) / (step - t0_step)
         tok_s = batch_tokens / dt
-        mfu = raw_model.estimate_mfu(tok_s / world_size, torch.device(device))
+        mfu = estimate_mfu(tok_s / world_size)
         if master:
             mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            concept_text = (f" | concept {train['train_concept_loss']:.4f} top4 {train['train_concept_top4']:.3f}"
-                            if "train_concept_loss" in train else "")
+            concept_text = (f" | concept {train['train_concept_loss']:.4f} top-k_attr "
+                            f"{train['train_concept_top_k_attr']:.3f}" if objective == "cocomix" else "")
             print(f"step {step}/{max_iters} | loss {train['train_loss']:.4f}{concept_text} | lr {lr:.2e} | "
                   f"{tok_s:,.0f} tok/s{mfu_text} | {1000 * dt:.0f} ms/step")
             log({"step": step, "tokens": step * batch_tokens, **train, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})

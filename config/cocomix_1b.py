@@ -1,5 +1,6 @@
-# The paper's CoCoMix-1.38B (Tack et al. 2025, App. A; its width 2028 is a typo for 2048): concepts from OpenAI's 32k SAE on GPT-2 124M's
-# block 5, predicted and interleaved before block 5. Its NTP twin is config/ntp_1b.py (width 2096).
+# The paper's CoCoMix-1.38B (Tack et al. 2025, App. A; its width 2028 is a typo for 2048): concepts from
+# OpenAI's 32k SAE on GPT-2 124M's block 5, predicted and interleaved before block 5. Its NTP twin is
+# config/ntp_1b.py (width 2096).
 # OpenWebText, 200B tokens. torchrun --standalone --nproc_per_node=8 train.py config/cocomix_1b.py
 out_dir = "out-cocomix-1b"
 data_dir = "data/openwebtext"

@@ -1,5 +1,6 @@
 # A tiny character-level GPT that trains in about a minute on a laptop CPU.
-# Data: python prepare.py text --input "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/*.py" --name tiny --tokenizer char
+# Data: python prepare.py text --input "$(python -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')/*.py" \
+#     --data_dir=data/tiny --tokenizer=char
 out_dir = "out-tiny"
 data_dir = "data/tiny"
 block_size = 128

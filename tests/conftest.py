@@ -30,11 +30,12 @@ def char_data(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     for i in range(3):
         (root / f"doc{i}.txt").write_text(pseudo_text(4000, i))
-    run("prepare.py", "--data_root", root / "data", "text", "--input", root / "*.txt", "--name", "chars", "--tokenizer", "char")
+    run("prepare.py", "text", "--input", root / "*.txt", "--data_dir", root / "data" / "chars", "--tokenizer", "char")
     return root / "data" / "chars"
 
 
-TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--device=cpu", "--compile=False", "--eval_iters=4"]
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--device=cpu", "--compile=False",
+        "--eval_iters=4"]
 
 
 def train_args(data, out, **kw):
@@ -48,8 +49,9 @@ def concept_parts(char_data, tmp_path_factory):
     """A tiny teacher trained with NTP and a TopK SAE on its block 0."""
     root = tmp_path_factory.mktemp("concepts")
     run("train.py", *train_args(char_data, root / "teacher", max_iters=100, eval_interval=100, batch_size=8))
-    run("sae.py", f"--teacher={root / 'teacher'}", f"--data_dir={char_data}", f"--out_dir={root / 'sae'}", "--layer=0",
-        "--n_latents=256", "--k=8", "--k_aux=32", "--dead_tokens=2000", "--block_size=32", "--batch_size=16",
+    run("train_sae.py", f"--teacher={root / 'teacher'}", f"--data_dir={char_data}", f"--out_dir={root / 'sae'}",
+        "--sae_layer=0", "--n_concepts=256", "--sae_k=8", "--k_aux=32", "--dead_tokens=2000", "--block_size=32",
+        "--batch_size=16",
         "--max_iters=100", "--eval_interval=100", "--device=cpu")
     return root
 

@@ -17,9 +17,9 @@ def tiny_teacher(vocab=50, seed=0):
     return GPT(GPTConfig(block_size=16, vocab_size=vocab, n_layer=3, n_head=2, n_embd=24)).eval()
 
 
-def tiny_sae(seed=0, n_latents=64, k=5):
+def tiny_sae(seed=0, n_concepts=64, k=5):
     torch.manual_seed(seed)
-    sae = TopKSAE(n_latents, 24, k)
+    sae = TopKSAE(n_concepts, 24, k)
     with torch.no_grad():
         sae.pre_bias.normal_(0, 0.1)
         sae.latent_bias.normal_(0, 0.3)
@@ -47,7 +47,8 @@ def scores_by_patching(teacher, sae, layer, x, y, source):
 def test_scores_equal_an_independent_autograd_computation(source):
     teacher, sae = tiny_teacher(), tiny_sae()
     x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
-    labeler = ConceptLabeler(teacher, sae, layer=1, k_attr=4, source=source, chunk_size=7)  # chunks cut rows unevenly
+    # chunks of 7 positions cut the rows unevenly
+    labeler = ConceptLabeler(teacher, sae, sae_layer=1, k_attr=4, label_source=source, chunk_size=7)
     expected = scores_by_patching(teacher, sae, 1, x, y, source)
     scores = labeler.scores(x, y)
     assert scores.shape == (2, 16, 64)
@@ -84,10 +85,12 @@ def test_sign_convention_on_a_hand_made_case():
             _, c, _ = sae(h)
             _, _, std = sae.encode_pre(h)
             patched = h - c[..., i:i + 1] * sae.decoder.weight[:, i] * std
-            return F.cross_entropy(teacher.lm_head(teacher.final_hidden(patched, layer)).flatten(0, 1), y.flatten()).item()
+            logits = teacher.lm_head(teacher.final_hidden(patched, layer))
+            return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 
     assert loss_without(1) < loss.item() < loss_without(0)  # removing the top literal label lowers the loss
-    picks = {sign: ConceptLabeler(teacher, sae, layer, k_attr=1, sign=sign)(x, y).item() for sign in ("literal", "neg", "abs")}
+    picks = {sign: ConceptLabeler(teacher, sae, layer, k_attr=1, label_sign=sign)(x, y).item()
+             for sign in ("literal", "neg", "abs")}
     assert picks["literal"] == 1 and picks["neg"] == 0
     assert picks["abs"] == int(a.abs().argmax())
 
@@ -95,16 +98,16 @@ def test_sign_convention_on_a_hand_made_case():
 def test_labeler_refuses_mismatched_parts():
     teacher = tiny_teacher()
     with pytest.raises(ValueError, match="the SAE reads width 32, the teacher's residual stream is 24 wide"):
-        ConceptLabeler(teacher, TopKSAE(64, 32, 4), layer=1)
-    with pytest.raises(ValueError, match="layer 3 is out of range for a teacher of 3 blocks"):
-        ConceptLabeler(teacher, tiny_sae(), layer=3)
-    with pytest.raises(ValueError, match="source must be one of"):
-        ConceptLabeler(teacher, tiny_sae(), layer=1, source="both")
+        ConceptLabeler(teacher, TopKSAE(64, 32, 4), sae_layer=1)
+    with pytest.raises(ValueError, match="sae_layer 3 is out of range for a teacher of 3 blocks"):
+        ConceptLabeler(teacher, tiny_sae(), sae_layer=3)
+    with pytest.raises(ValueError, match="label_source must be one of"):
+        ConceptLabeler(teacher, tiny_sae(), sae_layer=1, label_source="both")
 
 
 def test_teacher_weights_get_no_gradient():
     teacher, sae = tiny_teacher(), tiny_sae()
-    ConceptLabeler(teacher, sae, layer=1)(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))
+    ConceptLabeler(teacher, sae, sae_layer=1)(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in sae.parameters())
 
 
@@ -114,8 +117,9 @@ def parts(char_data, tmp_path):
     teacher = tiny_teacher(vocab)
     torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config)}, tmp_path / "teacher.pt")
     tiny_sae().save(str(tmp_path / "sae.pt"))
-    args = [f"--data_dir={char_data}", f"--teacher={tmp_path / 'teacher.pt'}", f"--sae={tmp_path / 'sae.pt'}", "--layer=1",
-            "--block_size=16", "--batch_size=64", "--split=val", f"--cache_dir={tmp_path / 'labels'}", "--device=cpu"]
+    args = [f"--data_dir={char_data}", f"--teacher={tmp_path / 'teacher.pt'}", f"--sae={tmp_path / 'sae.pt'}",
+            "--sae_layer=1",
+            "--block_size=16", "--batch_size=64", "--split=val", f"--label_cache={tmp_path / 'labels'}", "--device=cpu"]
     return teacher, tiny_sae(), args, tmp_path
 
 
@@ -123,10 +127,11 @@ def test_label_cache_round_trips_resumes_and_refuses_another_run(parts, char_dat
     teacher, sae, args, tmp = parts
     run("attribution.py", *args)
     header = json.loads((tmp / "labels" / "val.json").read_text())
-    expect = {k: header[k] for k in ("teacher_fingerprint", "sae_fingerprint", "layer", "k_attr", "block_size", "source", "sign")}
+    expect = {k: header[k] for k in ("teacher_fingerprint", "sae_fingerprint", "sae_layer", "k_attr", "block_size",
+                                     "label_source", "label_sign")}
     cache = LabelCache(str(tmp / "labels"), "val", expect)
     data = np.fromfile(char_data / "val.bin", dtype=np.uint16).astype(np.int64)
-    ids = [0, 5, header["n_chunks"] - 1]
+    ids = [0, 5, header["n_windows"] - 1]
     xy = torch.from_numpy(np.stack([data[i * 16:i * 16 + 17] for i in ids]))
     assert torch.equal(cache[ids], ConceptLabeler(teacher, sae, 1)(xy[:, :-1], xy[:, 1:]))
 
@@ -135,16 +140,16 @@ def test_label_cache_round_trips_resumes_and_refuses_another_run(parts, char_dat
     labels = np.memmap(tmp / "labels" / "val.bin", dtype=np.uint16, mode="r+")
     labels[len(labels) // 2:] = 0
     labels.flush()
-    (tmp / "labels" / "val.json").write_text(json.dumps({**header, "done": header["n_chunks"] // 2}))
+    (tmp / "labels" / "val.json").write_text(json.dumps({**header, "done": header["n_windows"] // 2}))
     with pytest.raises(ValueError, match="unfinished"):
         LabelCache(str(tmp / "labels"), "val", expect)
     run("attribution.py", *args)
     assert (tmp / "labels" / "val.bin").read_bytes() == complete
 
-    for key, value in (("block_size", 32), ("k_attr", 2), ("teacher_fingerprint", "0" * 16), ("source", "post")):
+    for key, value in (("block_size", 32), ("k_attr", 2), ("teacher_fingerprint", "0" * 16), ("label_source", "post")):
         with pytest.raises(ValueError, match=f"made for another run: {key}="):
             LabelCache(str(tmp / "labels"), "val", {**expect, key: value})
-    proc = run("attribution.py", *args, "--source=post", check=False)
+    proc = run("attribution.py", *args, "--label_source=post", check=False)
     assert proc.returncode == 1 and "holds labels made with other settings" in proc.stderr
 
 
@@ -154,6 +159,30 @@ def test_command_refuses_bad_input(parts):
     del sd["decoder.weight"]
     torch.save(sd, tmp / "broken.pt")
     for extra, message in ((f"--sae={tmp / 'broken.pt'}", "not a TopK SAE file: missing decoder.weight"),
-                           ("--layer=7", "layer 7 is out of range for a teacher of 3 blocks")):
+                           ("--sae_layer=7", "sae_layer 7 is out of range for a teacher of 3 blocks")):
         proc = run("attribution.py", *args, extra, check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_cache_written_before_the_shared_names_still_loads_and_resumes(parts, char_data):
+    """Headers written by the code before the settings took their shared names (layer, source, sign,
+    n_latents, n_chunks) are read under the new names: such a cache loads, and an unfinished one resumes."""
+    teacher, sae, args, tmp = parts
+    run("attribution.py", *args)
+    new = json.loads((tmp / "labels" / "val.json").read_text())
+    old_names = {"sae_layer": "layer", "label_source": "source", "label_sign": "sign", "n_concepts": "n_latents",
+                 "n_windows": "n_chunks"}
+    old = {old_names.get(k, k): v for k, v in new.items()}
+    assert set(old) & set(old_names) == set() and "layer" in old
+    (tmp / "labels" / "val.json").write_text(json.dumps(old))
+    expect = {k: new[k] for k in ("teacher_fingerprint", "sae_layer", "k_attr", "label_source", "n_concepts")}
+    cache = LabelCache(str(tmp / "labels"), "val", expect)
+    assert cache.header == new
+    complete = (tmp / "labels" / "val.bin").read_bytes()
+    labels = np.memmap(tmp / "labels" / "val.bin", dtype=np.uint16, mode="r+")
+    labels[len(labels) // 2:] = 0
+    labels.flush()
+    (tmp / "labels" / "val.json").write_text(json.dumps({**old, "done": old["n_chunks"] // 2}))
+    run("attribution.py", *args)
+    assert (tmp / "labels" / "val.bin").read_bytes() == complete
+    assert json.loads((tmp / "labels" / "val.json").read_text()) == new

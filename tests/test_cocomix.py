@@ -24,14 +24,14 @@ def test_causal(mixing):
     y = x.clone()
     y[:, 9:] = (y[:, 9:] + 1) % 37
     with torch.no_grad():
-        (a, za), (b, zb) = ((p["logits"], p["concept_logits"]) for p in (model(x, return_parts=True), model(y, return_parts=True)))
+        (a, za), (b, zb) = ((out.logits, out.concept_logits) for out in (model(x), model(y)))
     assert torch.equal(a[:, :9], b[:, :9]) and torch.equal(za[:, :9], zb[:, :9])
     assert not torch.allclose(a[:, 9:], b[:, 9:])
 
 
 def greedy_by_recomputation(model, idx, n, steer=None):
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.block_size:], steer=steer)
+        logits = model(idx[:, -model.config.block_size:], steer=steer).logits
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -49,12 +49,12 @@ def test_steering_moves_the_concepts_and_scale_one_changes_nothing():
     model = cocomix()
     x = torch.randint(0, 37, (2, 12))
     with torch.no_grad():
-        base = model(x, return_parts=True)
-        same = model(x, steer={3: 1.0, 7: 1.0}, return_parts=True)
-        steered = model(x, steer={3: 50.0}, return_parts=True)
-    assert torch.equal(base["logits"], same["logits"])
-    torch.testing.assert_close(steered["concept_logits"][..., 3], 50 * base["concept_logits"][..., 3])
-    assert not torch.allclose(steered["logits"], base["logits"])
+        base = model(x)
+        same = model(x, steer={3: 1.0, 7: 1.0})
+        steered = model(x, steer={3: 50.0})
+    assert torch.equal(base.logits, same.logits)
+    torch.testing.assert_close(steered.concept_logits[..., 3], 50 * base.concept_logits[..., 3])
+    assert not torch.allclose(steered.logits, base.logits)
     idx = torch.randint(0, 37, (1, 3))
     assert torch.equal(model.generate(idx, 10, temperature=0, steer={3: 1.0}), model.generate(idx, 10, temperature=0))
 
@@ -69,7 +69,7 @@ def test_interleaving_order_and_readout_by_hand():
     model.transformer.h[2].register_forward_hook(lambda m, args, out: seen.__setitem__("final", out))
     x = torch.randint(0, 37, (2, 6))
     with torch.no_grad():
-        logits, _ = model(x)
+        logits = model(x).logits
         h, mixer = seen["h"], model.concepts
         x_n, mu, std = layer_norm(h)
         z = x_n @ mixer.predictor.weight.t() - mixer.pre_bias @ mixer.predictor.weight.t() + mixer.predictor.bias
@@ -89,11 +89,11 @@ def test_concept_loss_is_eq_2():
     model = cocomix()
     x, y = torch.randint(0, 37, (2, 8)), torch.randint(0, 37, (2, 8))
     labels = torch.randint(0, 50, (2, 8, 4))
-    parts = model(x, y, labels, return_parts=True)
-    logp = torch.log_softmax(parts["concept_logits"].double(), -1)
+    out = model(x, y, labels)
+    logp = torch.log_softmax(out.concept_logits.double(), -1)
     expected = -logp.gather(-1, labels).mean()  # mean over the k_attr labels and the positions
-    assert abs(parts["concept_loss"].item() - expected.item()) < 1e-6
-    assert abs(parts["loss"].item() - (parts["ntp_loss"] + 0.1 * parts["concept_loss"]).item()) < 1e-6
+    assert abs(out.concept_loss.item() - expected.item()) < 1e-6
+    assert abs(out.loss.item() - (out.ntp_loss + 0.1 * out.concept_loss).item()) < 1e-6
 
 
 def test_prediction_only_without_concept_loss_trains_like_the_plain_gpt():
@@ -107,7 +107,7 @@ def test_prediction_only_without_concept_loss_trains_like_the_plain_gpt():
         labels = torch.randint(0, 50, (4, 16, 4))
         losses = []
         for model, opt, lab in ((plain, opts[0], None), (mixed, opts[1], labels)):
-            _, loss = model(x, y, lab)
+            loss = model(x, y, lab).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], 1.0)
             opt.step()
@@ -129,9 +129,9 @@ def test_compressor_gradient_touches_only_the_topk_columns():
     model = cocomix()
     model.train()
     x, y = torch.randint(0, 37, (1, 4)), torch.randint(0, 37, (1, 4))
-    parts = model(x, y, return_parts=True)
-    parts["loss"].backward()
-    used = set(parts["concept_logits"].topk(4, dim=-1).indices.flatten().tolist())
+    out = model(x, y)
+    out.loss.backward()
+    used = set(out.concept_logits.topk(4, dim=-1).indices.flatten().tolist())
     touched = set(model.concepts.compressor.weight.grad.abs().sum(-1).nonzero().flatten().tolist())
     assert touched == used
 

@@ -1,43 +1,60 @@
-import ast
 import glob
 import os
+import re
 
 import pytest
 import torch
 
-from configurator import configure
-from conftest import ROOT
-from model import GPT, GPTConfig
+from configurator import configure, script_settings
+from conftest import ROOT, run
+from model import CONCEPT_ARGS, GPT, GPTConfig
 
 
 def train_defaults():
-    """train.py's settings, read from its source: every assignment before `configure(globals())`."""
-    path = os.path.join(ROOT, "train.py")
-    g = {"__file__": path}
-    for node in ast.parse(open(path).read()).body:
-        if isinstance(node, ast.Assign) and ast.unparse(node.value) == "configure(globals())":
-            return g
-        if isinstance(node, ast.Assign):
-            exec(compile(ast.Module([node], []), path, "exec"), g)
-    raise AssertionError("train.py does not call configure(globals())")
+    return script_settings(os.path.join(ROOT, "train.py"))
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
 def test_every_config_applies_to_its_script(path):
     if os.path.basename(path).startswith("sae_"):
-        import sae
-        configure({"__file__": sae.__file__, **sae.SETTINGS}, [path])
+        configure(script_settings(os.path.join(ROOT, "train_sae.py")), [path])
     else:
         cfg = configure(train_defaults(), [path])
         assert cfg["batch_tokens"] % (cfg["batch_size"] * cfg["block_size"]) == 0
 
 
+# The names an idea takes in every script, and the names it took before they were shared.
+SHARED = {"sae_layer": "layer", "n_concepts": "n_latents", "sae_k": "k", "label_source": "source",
+          "label_sign": "sign", "label_cache": "cache_dir", "data_dir": "data_root"}
+
+
+@pytest.mark.parametrize("script", ["train.py", "train_sae.py", "attribution.py", "sample.py", "pipeline.py",
+                                    "bench.py"])
+def test_every_script_lists_its_settings_under_the_shared_names(script):
+    out = run(script, "--help").stdout
+    listed = re.findall(r"^  --(\w+) ", out, flags=re.M)
+    assert listed and "usage: python " + script in out
+    with open(os.path.join(ROOT, script)) as f:
+        assigned = re.findall(r"^(\w+) = .*  # ", f.read(), flags=re.M)
+    assert set(listed) == {k for k in assigned if k.islower()}
+    assert not set(listed) & set(SHARED.values())
+
+
+def test_prepare_help_lists_each_corpus_and_the_shared_names():
+    out = run("prepare.py", "--help").stdout
+    assert all(corpus in out for corpus in ("openwebtext", "openwebmath", "text", "topics"))
+    for corpus, options in (("topics", ("--data_dir", "--corpus_chars", "--corpus_seed", "--val_fraction")),
+                            ("text", ("--input", "--data_dir", "--tokenizer", "--val_fraction"))):
+        sub = run("prepare.py", corpus, "--help").stdout
+        assert all(o in sub for o in options) and "--data_root" not in sub and "--name" not in sub
+
+
 def paper_model(name):
     cfg = configure(train_defaults(), [os.path.join(ROOT, "config", f"{name}.py")])
-    concepts = dict(n_concepts=cfg["n_concepts"], concept_topk=cfg["concept_topk"], concept_layer=cfg["concept_layer"],
-                    mixing=cfg["mixing"]) if cfg["objective"] == "cocomix" else {}
+    concepts = {k: cfg[k] for k in CONCEPT_ARGS if k != "lam_concept"} if cfg["objective"] == "cocomix" else {}
     with torch.device("meta"):  # no memory, no time
-        model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], vocab_size=50257, **concepts))
+        model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], vocab_size=50257,
+                              **concepts))
     return cfg, model
 
 
@@ -48,7 +65,8 @@ def test_paper_pairs(size, params, lr, batch_tokens, concept_layer):
     cfg, cocomix = paper_model(f"cocomix_{size}")
     for c in (ntp_cfg, cfg):
         assert (c["learning_rate"], c["batch_tokens"], c["weight_decay"], c["beta2"]) == (lr, batch_tokens, 0.1, 0.95)
-    assert (cfg["n_concepts"], cfg["concept_topk"], cfg["concept_layer"], cfg["sae_layer"]) == (32768, 32, concept_layer, 5)
+    concepts = (cfg["n_concepts"], cfg["concept_topk"], cfg["concept_layer"], cfg["sae_layer"])
+    assert concepts == (32768, 32, concept_layer, 5)
     assert (cfg["lam_concept"], cfg["k_attr"], cfg["mixing"]) == (0.1, 4, "interleave")
     assert (ntp_cfg["n_layer"], ntp_cfg["n_head"]) == (cfg["n_layer"], cfg["n_head"])
     assert ntp.get_num_params() == pytest.approx(params, rel=0.03)

@@ -28,7 +28,8 @@ def test_overrides_are_typed(g):
     assert g["compile"] is False
     assert g["out_dir"] == "a=b"  # values keep their own '='
     assert g["dtype"] == "bfloat16"
-    assert cfg == {"batch_size": 8, "learning_rate": 1.0, "compile": False, "out_dir": "a=b", "steer": "", "dtype": "bfloat16"}
+    assert cfg == {"batch_size": 8, "learning_rate": 1.0, "compile": False, "out_dir": "a=b", "steer": "",
+                   "dtype": "bfloat16"}
 
 
 def test_space_separated_values_and_bare_flags(g):
@@ -46,7 +47,8 @@ def test_config_file_then_overrides(g, tmp_path):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--batch_sise=8"], "unknown key 'batch_sise'; valid keys: batch_size, compile, dtype, learning_rate, out_dir, steer"),
+    (["--batch_sise=8"],
+     "unknown key 'batch_sise'; valid keys: batch_size, compile, dtype, learning_rate, out_dir, steer"),
     (["--batch_size=8.5"], "batch_size must be int"),
     (["--batch_size=lots"], "batch_size must be int"),
     (["--learning_rate=fast"], "learning_rate must be float"),
@@ -77,5 +79,6 @@ def test_help_lists_every_key_with_its_comment(g, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "A script with settings." in out
-    for line in ("--batch_size     16             sequences per step", "--steer          ''             concept=scale pairs"):
+    for line in ("--batch_size     16             sequences per step",
+                 "--steer          ''             concept=scale pairs"):
         assert line in out

@@ -36,7 +36,7 @@ def test_from_pretrained_matches_transformers(tmp_path, fmt, shape):
     x = torch.randint(0, shape[3], (2, shape[4]))
     with torch.no_grad():
         expected = hf(x).logits
-        logits, _ = model(x)
+        logits = model(x).logits
     assert logits.shape == expected.shape
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
@@ -61,7 +61,7 @@ def tiny_gpt(block_size=16, seed=0):
 
 def greedy_by_recomputation(model, idx, n):
     for _ in range(n):
-        logits, _ = model(idx[:, -model.config.block_size:])
+        logits = model(idx[:, -model.config.block_size:]).logits
         idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
     return idx
 
@@ -78,10 +78,10 @@ def test_cache_appends_several_positions_with_the_right_mask():
     model = tiny_gpt()
     x = torch.randint(0, 37, (2, 12))
     with torch.no_grad():
-        full, _ = model(x)
+        full = model(x).logits
         cache = model.new_cache()
-        first, _ = model(x[:, :7], cache=cache)
-        rest, _ = model(x[:, 7:], cache=cache)
+        first = model(x[:, :7], cache=cache).logits
+        rest = model(x[:, 7:], cache=cache).logits
     torch.testing.assert_close(torch.cat([first, rest], 1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -91,8 +91,8 @@ def test_causal():
     y = x.clone()
     y[0, 9:] = (y[0, 9:] + 1) % 37
     with torch.no_grad():
-        assert torch.equal(model(x)[0][:, :9], model(y)[0][:, :9])
-        assert not torch.allclose(model(x)[0][:, 9:], model(y)[0][:, 9:])
+        assert torch.equal(model(x).logits[:, :9], model(y).logits[:, :9])
+        assert not torch.allclose(model(x).logits[:, 9:], model(y).logits[:, 9:])
 
 
 def test_num_params_counts_the_tied_head_once():
@@ -112,10 +112,11 @@ def test_optimizer_decays_matrices_only():
 def test_loss_is_cross_entropy_of_the_logits():
     model = tiny_gpt()
     x, y = torch.randint(0, 37, (2, 16)), torch.randint(0, 37, (2, 16))
-    logits, loss = model(x, y)
-    logp = torch.log_softmax(logits.double(), -1)
+    out = model(x, y)
+    logp = torch.log_softmax(out.logits.double(), -1)
     expected = -logp.gather(-1, y[..., None]).mean()
-    assert abs(loss.item() - expected.item()) < 1e-5
+    assert abs(out.loss.item() - expected.item()) < 1e-5 and out.ntp_loss is out.loss
+    assert out.concept_loss is None and out.concept_logits is None
 
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):

@@ -16,23 +16,28 @@ import torch
 
 import pipeline
 import prepare
+import report
+import topics
+from configurator import config_keys
 from conftest import ROOT, run
+from files import write_text
 from model import GPT, GPTConfig
-from prepare import NO_TOPIC, Tokenizer, load_meta
+from prepare import Tokenizer, load_meta
+from topics import NO_TOPIC
 
 
 def test_topic_corpus_structure():
-    text, topic, names = prepare.topic_corpus(200_000, seed=3)
-    again, topic_again, _ = prepare.topic_corpus(200_000, seed=3)
+    text, topic, names = topics.topic_corpus(200_000, seed=3)
+    again, topic_again, _ = topics.topic_corpus(200_000, seed=3)
     assert text == again and (topic == topic_again).all()
-    assert len(set(names)) == prepare.N_NAMES
-    assert prepare.topic_corpus(200_000, seed=4)[0] != text
+    assert len(set(names)) == topics.N_NAMES
+    assert topics.topic_corpus(200_000, seed=4)[0] != text
     assert len(topic) == len(text) >= 200_000
 
-    vocab = {name: set(ws.split()) for name, ws in prepare.TOPICS.items()}
+    vocab = {name: set(ws.split()) for name, ws in topics.TOPICS.items()}
     assert len(vocab) >= 8 and all(len(v) >= 30 for v in vocab.values())
     assert sum(map(len, vocab.values())) == len(set().union(*vocab.values()))  # no word in two topics
-    grammar = set(re.findall(r"\b[a-z]+\b", " ".join(prepare.TEMPLATES) + prepare.INTRO))
+    grammar = set(re.findall(r"\b[a-z]+\b", " ".join(topics.TEMPLATES) + topics.INTRO))
     assert grammar.isdisjoint(set().union(*vocab.values()))
 
     owner = {w: k for k, ws in enumerate(vocab.values()) for w in ws}
@@ -60,11 +65,12 @@ def test_topic_corpus_structure():
 
 
 def test_prepare_topics(tmp_path):
-    prepare.main(["--data_root", str(tmp_path), "topics", "--chars", "30000", "--seed", "5", "--val_fraction", "0.1"])
+    prepare.main(["topics", "--data_dir", str(tmp_path / "topics"), "--corpus_chars", "30000", "--corpus_seed", "5",
+                  "--val_fraction", "0.1"])
     meta = load_meta(tmp_path / "topics")
     tokens = {s: np.fromfile(tmp_path / "topics" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")}
     topic = {s: np.fromfile(tmp_path / "topics" / f"{s}_topic.bin", dtype=np.uint8) for s in ("train", "val")}
-    text, char_topic, names = prepare.topic_corpus(30000, 5)
+    text, char_topic, names = topics.topic_corpus(30000, 5)
     ids = np.concatenate([tokens["train"], tokens["val"]]).tolist()
     tok = Tokenizer(meta)
     assert meta["tokenizer"] == "words" and meta["names"] == names
@@ -77,8 +83,8 @@ def test_prepare_topics(tmp_path):
     assert len(tokens["val"]) == len(topic["val"]) == int(len(ids) * 0.1)
     with pytest.raises(ValueError, match="words outside this corpus' vocabulary"):
         tok.encode("the ship zzz")
-    assert meta["topics"] == {name: ws.split() for name, ws in prepare.TOPICS.items()}
-    assert meta["source"] == {"corpus": "topics", "chars": 30000, "seed": 5, "val_fraction": 0.1}
+    assert meta["topics"] == {name: ws.split() for name, ws in topics.TOPICS.items()}
+    assert meta["source"] == {"corpus": "topics", "corpus_chars": 30000, "corpus_seed": 5, "val_fraction": 0.1}
     with pytest.raises(FileNotFoundError, match="python prepare.py topics"):
         load_meta(tmp_path / "missing" / "topics")
 
@@ -86,15 +92,16 @@ def test_prepare_topics(tmp_path):
 def test_tokens_to_reach():
     tokens = np.array([0, 10, 20, 30])
     losses = np.array([4.0, 3.0, 2.0, 1.0])
-    assert pipeline.tokens_to_reach(tokens, losses, 2.5) == pytest.approx(15)
-    assert pipeline.tokens_to_reach(tokens, losses, 1.0) == pytest.approx(30)
-    assert pipeline.tokens_to_reach(tokens, losses, 0.5) is None
-    assert pipeline.tokens_to_reach(tokens, np.array([4.0, 2.0, 3.0, 1.0]), 2.5) == pytest.approx(7.5)  # the first crossing
+    assert report.tokens_to_reach(tokens, losses, 2.5) == pytest.approx(15)
+    assert report.tokens_to_reach(tokens, losses, 1.0) == pytest.approx(30)
+    assert report.tokens_to_reach(tokens, losses, 0.5) is None
+    # the first crossing
+    assert report.tokens_to_reach(tokens, np.array([4.0, 2.0, 3.0, 1.0]), 2.5) == pytest.approx(7.5)
 
 
 def test_topic_rate_counts_lower_case_words():
     words = {"ship", "sailed", "wave", "pine"}
-    assert pipeline.topic_rate(["the ship sailed. Pine", "a wave,\nand"], words) == pytest.approx(3 / 6)
+    assert topics.topic_rate(["the ship sailed. Pine", "a wave,\nand"], words) == pytest.approx(3 / 6)
 
 
 def test_topic_features_against_brute_force():
@@ -104,9 +111,9 @@ def test_topic_features_against_brute_force():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 11, size=5 * 16 + 3)
     topic = rng.choice([0, 1, 2, NO_TOPIC], size=len(tokens)).astype(np.uint8)
-    tied = pipeline.topic_features(lambda x: model(x, return_parts=True)["concept_logits"], tokens, topic, 4, 16, "cpu")
+    tied = topics.topic_features(lambda x: model(x).concept_logits, tokens, topic, 4, 16, "cpu")
     with torch.no_grad():
-        z = model(torch.from_numpy(tokens[:80].reshape(5, 16)), return_parts=True)["concept_logits"].reshape(80, -1).numpy()
+        z = model(torch.from_numpy(tokens[:80].reshape(5, 16))).concept_logits.reshape(80, -1).numpy()
     t = topic[:80]
     z, t = z[t != NO_TOPIC], t[t != NO_TOPIC]
     for k in range(3):
@@ -116,7 +123,7 @@ def test_topic_features_against_brute_force():
 
 
 def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
-    cfg = {**pipeline.SETTINGS, "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data")}
+    cfg = {**config_keys(vars(pipeline)), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data")}
 
     def steps(**change):
         return pipeline.make_steps(SimpleNamespace(**{**cfg, **change}))
@@ -136,14 +143,15 @@ def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
     chain = steps()
     for i, step in enumerate(chain):
         os.makedirs(step.folder)
-        pipeline.write_text(step.record_path, json.dumps({"key": step.key(), "run": f"run{i}", "done": True}))
+        write_text(step.record_path, json.dumps({"key": step.key(), "run": f"run{i}", "done": True}))
     keys = {s.name: s.key() for s in chain}
-    teacher = chain[1]
-    pipeline.write_text(teacher.record_path, json.dumps({"key": teacher.key(), "run": "again", "done": True}))
+    teacher = next(s for s in chain if s.name == "teacher")
+    write_text(teacher.record_path, json.dumps({"key": teacher.key(), "run": "again", "done": True}))
     assert {s.name for s in chain if s.key() != keys[s.name]} == {"sae", "report"}  # the direct readers first
 
 
-SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8", "--batch_tokens=512",
+SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8",
+         "--batch_tokens=512",
          "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
          "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=2",
          "--steer_samples=4", "--steer_tokens=40"]
@@ -163,28 +171,30 @@ def small_run(tmp_path_factory):
 def test_pipeline_end_to_end(small_run):
     tmp_path, proc = small_run
     out = tmp_path / "out"
-    report = json.loads((out / "report.json").read_text())
-    assert report["tokens"] == [0, 5120, 10240]
+    r = json.loads((out / "report.json").read_text())
+    assert r["tokens"] == [0, 5120, 10240]
     for objective in ("ntp", "cocomix"):  # the report's losses are those the runs logged
         logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{objective}-{s}" / "metrics.jsonl")
                    if "val_ntp_loss" in line] for s in (1, 2)]
-        assert np.allclose(report["val_ntp_loss"][objective], logged)
+        assert np.allclose(r["val_ntp_loss"][objective], logged)
         final = [run_[-1] for run_ in logged]
-        assert report["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final, ddof=1)])
+        assert r["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final, ddof=1)])
     ntp_cfg = torch.load(out / "ntp-1" / "ckpt.pt", weights_only=True)["model_args"]
     cocomix_cfg = torch.load(out / "cocomix-1" / "ckpt.pt", weights_only=True)["model_args"]
     ntp_params, cocomix_params = (GPT(GPTConfig(**a)).get_num_params() for a in (ntp_cfg, cocomix_cfg))
-    assert report["active_params"] == {"ntp": ntp_params, "cocomix": cocomix_params}
-    assert abs(ntp_params - cocomix_params) <= 0.03 * cocomix_params and ntp_cfg["n_embd"] == report["ntp_width"]
-    assert 0 <= report["sae"]["val_nmse"] and 0 <= report["sae"]["dead_frac"] <= 1 and 0 <= report["concept_top4"][0] <= 1
-    assert [row["topic"] for row in report["steering"]] == list(prepare.TOPICS)
-    for row in report["steering"]:
+    assert r["active_params"] == {"ntp": ntp_params, "cocomix": cocomix_params}
+    assert abs(ntp_params - cocomix_params) <= 0.03 * cocomix_params and ntp_cfg["n_embd"] == r["ntp_width"]
+    assert 0 <= r["sae"]["val_nmse"] and 0 <= r["sae"]["dead_frac"] <= 1
+    assert 0 <= r["concept_top_k_attr"][0] <= 1
+    assert [row["topic"] for row in r["steering"]] == list(topics.TOPICS)
+    for row in r["steering"]:
         rates = [row[k] for k in ("corpus_rate", "rate", "rate_steer_5", "rate_steer_10")]
-        assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= r <= 1 for r in rates))
+        assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= x <= 1 for x in rates))
         assert row["sae_latent"] is None or (0 <= row["sae_latent"] < 64 and -1 <= row["sae_correlation"] <= 1)
     md = (out / "report.md").read_text()
     for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
-                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss", "Time in the stages"):
+                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss",
+                 "Time in the stages"):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -212,8 +222,9 @@ def test_pipeline_bad_settings(tmp_path):
 def test_pipeline_interrupt_then_resume(tmp_path):
     args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=300")
     run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
     ckpt = tmp_path / "out" / "teacher" / "ckpt.pt"
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:

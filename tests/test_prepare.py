@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ def read(folder):
 def test_gpt2_round_trip(tmp_path):
     docs = ["Hello world, the first document.\n", "Ünïcödé and emoji 🙂 survive the BPE.", "x " * 300]
     (tmp_path / "a.txt").write_text(docs[0])
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": docs[1]}) + "\n\n" + json.dumps({"text": docs[2], "id": 7}) + "\n")
-    prepare.main(["--data_root", str(tmp_path / "data"), "text", "--input", str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl"),
-                  "--name", "mine", "--val_fraction", "0.2"])
+    lines = [json.dumps({"text": docs[1]}), "", json.dumps({"text": docs[2], "id": 7})]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines) + "\n")
+    prepare.main(["text", "--input", str(tmp_path / "*.txt"), str(tmp_path / "*.jsonl"),
+                  "--data_dir", str(tmp_path / "data" / "mine"), "--val_fraction", "0.2"])
     meta, tokens = read(tmp_path / "data" / "mine")
     assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
     assert meta["train_tokens"] == len(tokens["train"]) and meta["val_tokens"] == len(tokens["val"])
@@ -31,7 +33,7 @@ def test_gpt2_round_trip(tmp_path):
 def test_char_round_trip(tmp_path):
     (tmp_path / "a.txt").write_text("abc abc\n" * 50)
     (tmp_path / "b.txt").write_text("zyx")
-    prepare.main(["--data_root", str(tmp_path / "data"), "text", "--input", str(tmp_path / "*.txt"), "--name", "c",
+    prepare.main(["text", "--input", str(tmp_path / "*.txt"), "--data_dir", str(tmp_path / "data" / "c"),
                   "--tokenizer", "char"])
     meta, tokens = read(tmp_path / "data" / "c")
     assert meta["chars"] == "\n abcxyz" and meta["vocab_size"] == 8
@@ -45,10 +47,11 @@ def test_jsonl_lines_are_split_at_newlines_only(tmp_path, capsys):
     docs = ["a\u2028line separator inside", "next\u0085one"]
     lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs] + ['{"text": null}', "[1, 2]", "{broken"]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    prepare.main(["--data_root", str(tmp_path / "data"), "text", "--input", str(tmp_path / "a.jsonl"), "--name", "j",
+    prepare.main(["text", "--input", str(tmp_path / "a.jsonl"), "--data_dir", str(tmp_path / "data" / "j"),
                   "--tokenizer", "char", "--val_fraction", "0.2"])
     meta, tokens = read(tmp_path / "data" / "j")
-    assert Tokenizer(meta).decode(np.concatenate([tokens["train"], tokens["val"]]).tolist()) == "".join(d + "\n" for d in docs)
+    text = Tokenizer(meta).decode(np.concatenate([tokens["train"], tokens["val"]]).tolist())
+    assert text == "".join(d + "\n" for d in docs)
     err = capsys.readouterr().err
     assert all(f"a.jsonl:{n}: not a JSON object" in err for n in (3, 4, 5))
 
@@ -57,12 +60,13 @@ def test_skips_empty_and_non_utf8_files_with_a_warning(tmp_path, capsys):
     (tmp_path / "good.txt").write_text("some good text " * 20)
     (tmp_path / "empty.txt").write_text("  \n")
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
-    prepare.main(["--data_root", str(tmp_path / "data"), "text", "--input", str(tmp_path / "*.txt"), "--name", "g",
+    prepare.main(["text", "--input", str(tmp_path / "*.txt"), "--data_dir", str(tmp_path / "data" / "g"),
                   "--tokenizer", "char"])
     err = capsys.readouterr().err
     assert "skipping" in err and "empty.txt: empty" in err and "latin1.txt: not UTF-8" in err
     meta, tokens = read(tmp_path / "data" / "g")
-    assert Tokenizer(meta).decode(np.concatenate([tokens["train"], tokens["val"]]).tolist()) == "some good text " * 20 + "\n"
+    text = Tokenizer(meta).decode(np.concatenate([tokens["train"], tokens["val"]]).tolist())
+    assert text == "some good text " * 20 + "\n"
 
 
 @pytest.mark.parametrize("files, message", [
@@ -75,7 +79,7 @@ def test_refuses_unusable_input(tmp_path, files, message):
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     with pytest.raises(SystemExit) as e:
-        prepare.main(["--data_root", str(tmp_path / "data"), "text", "--input", str(tmp_path / "*.txt"), "--name", "x",
+        prepare.main(["text", "--input", str(tmp_path / "*.txt"), "--data_dir", str(tmp_path / "data" / "x"),
                       "--tokenizer", "char"])
     assert message in str(e.value.code)
     assert not (tmp_path / "data" / "x" / "meta.json").exists()
@@ -96,7 +100,9 @@ def test_token_dtype_follows_the_vocabulary():
 
 
 def test_missing_folder_names_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError, match="run `python prepare.py openwebtext` first"):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(f"run `python prepare.py openwebtext --data_dir={tmp_path}/openwebtext`")):
         load_meta(str(tmp_path / "openwebtext"))
-    with pytest.raises(FileNotFoundError, match="python prepare.py text --input '...' --name books"):
+    with pytest.raises(FileNotFoundError,
+                       match=re.escape(f"python prepare.py text --input '...' --data_dir={tmp_path}/books")):
         load_meta(str(tmp_path / "books"))

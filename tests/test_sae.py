@@ -48,7 +48,7 @@ def numpy_sae(sd, x):
 def test_openai_file_loads_and_matches_numpy(tmp_path):
     sd = openai_file(tmp_path / "5.pt")
     sae = TopKSAE.load(str(tmp_path / "5.pt"))
-    assert (sae.n_latents, sae.d_model, sae.k) == (64, 24, 5)
+    assert (sae.n_concepts, sae.d_model, sae.k) == (64, 24, 5)
     x = torch.randn(50, 24) * 3 + 1
     c_pre, c, x_hat = sae(x)
     ref = numpy_sae(sd, x.numpy())
@@ -126,23 +126,24 @@ def test_decoder_columns_stay_unit_norm():
 def test_training_command_checkpoints_and_resumes_exactly(tmp_path):
     root = tmp_path
     (root / "doc.txt").write_text("".join(chr(97 + (i * 7) % 26) + " " * (i % 3 == 0) for i in range(20000)))
-    run("prepare.py", "--data_root", root / "data", "text", "--input", root / "doc.txt", "--name", "c", "--tokenizer", "char")
+    run("prepare.py", "text", "--input", root / "doc.txt", "--data_dir", root / "data" / "c", "--tokenizer", "char")
     vocab = json.loads((root / "data" / "c" / "meta.json").read_text())["vocab_size"]
     teacher = tiny_teacher(vocab)
     torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config)}, root / "teacher.pt")
-    args = [f"--teacher={root / 'teacher.pt'}", f"--data_dir={root / 'data' / 'c'}", "--layer=1", "--n_latents=64", "--k=4",
+    args = [f"--teacher={root / 'teacher.pt'}", f"--data_dir={root / 'data' / 'c'}", "--sae_layer=1", "--n_concepts=64",
+            "--sae_k=4",
             "--k_aux=8", "--dead_tokens=256", "--block_size=16", "--batch_size=8", "--eval_interval=3", "--device=cpu"]
-    run("sae.py", *args, f"--out_dir={root / 'whole'}", "--max_iters=9")
-    run("sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=6")
-    run("sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=9", "--init_from=resume")
+    run("train_sae.py", *args, f"--out_dir={root / 'whole'}", "--max_iters=9")
+    run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=6")
+    run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=9", "--init_from=resume")
     whole, split = (torch.load(root / d / "sae.pt", weights_only=True) for d in ("whole", "split"))
     assert all(torch.equal(whole[k], split[k]) for k in KEYS if torch.is_tensor(whole[k]))
     lines = [json.loads(line) for line in (root / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [3, 6, 9]
     assert {"nmse", "dead_frac", "val_nmse", "val_fve", "tok_per_s"} <= set(lines[-1])
-    assert TopKSAE.load(str(root / "split" / "sae.pt")).n_latents == 64
-    proc = run("sae.py", *args, f"--out_dir={root / 'bad'}", "--layer=3", check=False)
-    assert proc.returncode == 1 and "layer 3 is out of range for a teacher of 3 blocks" in proc.stderr
+    assert TopKSAE.load(str(root / "split" / "sae.pt")).n_concepts == 64
+    proc = run("train_sae.py", *args, f"--out_dir={root / 'bad'}", "--sae_layer=3", check=False)
+    assert proc.returncode == 1 and "sae_layer 3 is out of range for a teacher of 3 blocks" in proc.stderr
 
 
 def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
@@ -160,7 +161,8 @@ def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
         def log_message(self, *args):
             requests.append(self.path)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(tmp_path / "served")))
+    handler = functools.partial(Handler, directory=str(tmp_path / "served"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{server.server_address[1]}/resid_post_mlp_v5_32k/autoencoders/5.pt"
@@ -170,7 +172,8 @@ def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
         server.shutdown()
     assert len(requests) == 1  # the second load reads the cache
     assert (tmp_path / "cache" / "resid_post_mlp_v5_32k" / "autoencoders" / "5.pt").exists()
-    assert torch.equal(first.encoder.weight, sd["encoder.weight"]) and torch.equal(second.decoder.weight, sd["decoder.weight"])
+    assert torch.equal(first.encoder.weight, sd["encoder.weight"])
+    assert torch.equal(second.decoder.weight, sd["decoder.weight"])
 
 
 def test_steering_hook_scales_latents_of_c_and_keeps_the_rest():

@@ -46,7 +46,8 @@ def test_kill_and_resume_ends_where_the_uninterrupted_run_ends(char_data, tmp_pa
     run("train.py", *train_args(char_data, tmp_path / "whole", **args))
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *train_args(char_data, out, **args)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / "ckpt.pt").exists() and time.time() < deadline:
         time.sleep(0.01)
@@ -84,7 +85,7 @@ def failure(*args, cwd=None):
 
 
 def test_bad_input(char_data, tmp_path):
-    assert "run `python prepare.py text --input '...' --name nowhere` first" in failure(
+    assert f"run `python prepare.py text --input '...' --data_dir={tmp_path / 'nowhere'}` first" in failure(
         *train_args(tmp_path / "nowhere", tmp_path / "o"))
     assert "unknown key 'n_layers'" in failure("--n_layers=3")
     assert "neither a folder nor one of gpt2" in failure(*train_args(char_data, tmp_path / "o", init_from="gpt-7"))
@@ -101,9 +102,10 @@ def test_bad_checkpoints(char_data, tmp_path):
     assert "n_embd=32 there, 64 here" in failure(*train_args(char_data, out, init_from="resume", n_embd=64))
     data = (out / "ckpt.pt").read_bytes()
     (out / "ckpt.pt").write_bytes(data[: len(data) // 2])
-    assert "not a readable checkpoint (truncated or corrupt?)" in failure(*train_args(char_data, out, init_from="resume"))
+    resume = train_args(char_data, out, init_from="resume")
+    assert "not a readable checkpoint (truncated or corrupt?)" in failure(*resume)
     torch.save({"weights": 1}, out / "ckpt.pt")
-    assert "not a train.py checkpoint (missing model, model_args)" in failure(*train_args(char_data, out, init_from="resume"))
+    assert "not a train.py checkpoint (missing model, model_args)" in failure(*resume)
 
 
 def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_parts, tmp_path):
@@ -113,17 +115,19 @@ def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_
     val = [m for m in lines if "val_concept_loss" in m]
     assert [m["step"] for m in val] == [0, 60, 120]
     assert val[-1]["val_concept_loss"] < val[0]["val_concept_loss"] - 1.0
-    assert val[-1]["val_concept_top4"] > 10 * 4 / 256  # chance: 4 of 256 concepts
+    assert val[-1]["val_concept_top_k_attr"] > 10 * 4 / 256  # chance: 4 of 256 concepts
     train = [m for m in lines if "train_concept_loss" in m]
     assert all(abs(m["train_loss"] - (m["train_ntp_loss"] + 0.1 * m["train_concept_loss"])) < 1e-5 for m in train)
 
     # the same run from labels cached by attribution.py: the same numbers
-    run("attribution.py", f"--data_dir={char_data}", f"--teacher={root / 'teacher'}", f"--sae={root / 'sae' / 'sae.pt'}",
-        "--layer=0", "--block_size=32", "--split=both", f"--cache_dir={tmp_path / 'labels'}", "--device=cpu")
+    run("attribution.py", f"--data_dir={char_data}", f"--teacher={root / 'teacher'}",
+        f"--sae={root / 'sae' / 'sae.pt'}",
+        "--sae_layer=0", "--block_size=32", "--split=both", f"--label_cache={tmp_path / 'labels'}", "--device=cpu")
     run("train.py", *cocomix_args(char_data, root, tmp_path / "cached", max_iters=120, eval_interval=60,
                                   label_cache=tmp_path / "labels"))
     assert metrics(tmp_path / "cached") == metrics(tmp_path / "online")
-    proc = run("train.py", *cocomix_args(char_data, root, tmp_path / "bad", max_iters=2, label_cache=tmp_path / "labels",
+    proc = run("train.py", *cocomix_args(char_data, root, tmp_path / "bad", max_iters=2,
+                                         label_cache=tmp_path / "labels",
                                          k_attr=2), check=False)
     assert proc.returncode == 1 and "made for another run: k_attr=4 there, 2 here" in proc.stderr
 

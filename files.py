@@ -1,0 +1,45 @@
+"""
+Files that survive a crash: each is written whole or not at all, and a run's metrics log holds
+exactly the steps up to its last checkpoint, so that a resumed run logs every step once.
+"""
+
+import json
+import os
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_write(path):
+    """Yields a temporary path to write; it becomes `path` only when the block ends without an error,
+    so a crash or Ctrl-C leaves the previous file (or none), never half of one. The temporary name
+    is per process: torchrun ranks may write the same file at once."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def metrics_log(out_dir, resume_step=None):
+    """Starts out_dir/metrics.jsonl (one JSON object per line) and returns a function that appends a
+    record to it. A run resumed from a checkpoint of step `resume_step` keeps the lines of the steps up
+    to that one and drops those logged after it, and a line a kill cut short; a new run starts empty."""
+    path = os.path.join(out_dir, "metrics.jsonl")
+    kept = []
+    if resume_step is not None and os.path.exists(path):
+        with open(path) as f:
+            kept = [line for line in f if line.endswith("\n") and json.loads(line)["step"] <= resume_step]
+    write_text(path, "".join(kept))
+
+    def log(record):
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    return log
+
+
+def write_text(path, text):
+    """`path` holds `text`, written whole or not at all."""
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)
