@@ -222,9 +222,11 @@ def test_pipeline_bad_settings(tmp_path):
 def test_pipeline_interrupt_then_resume(tmp_path):
     args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=300")
     run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
+    # SIGINT restored to its default: a shell starts background jobs with it ignored, and so would the pipeline be
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     ckpt = tmp_path / "out" / "teacher" / "ckpt.pt"
     deadline = time.time() + 60
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
