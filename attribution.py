@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from files import write_text
-from model import layer_norm
+from model import GPT, layer_norm
+from sae import TopKSAE
 
 LABEL_SOURCES = ("pre", "post")
 LABEL_SIGNS = ("literal", "abs", "neg")
@@ -113,6 +114,21 @@ class ConceptLabeler:
         return out.view(*x.shape, -1)
 
 
+def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device, data_vocab_size, block_size,
+                 chunk_size=1024):
+    """The labeler of train.py's and this command's settings, with the teacher (a train.py out_dir, a
+    GPT-2 size or folder) and the SAE (see TopKSAE.load) on `device`; a ValueError (FileNotFoundError
+    for a missing file) says what does not fit: the teacher must read the data's tokens at block_size."""
+    sae_model = TopKSAE.load(sae, sae_layer)
+    teacher_model = GPT.load(teacher)
+    t = teacher_model.config
+    if t.vocab_size < data_vocab_size or t.block_size < block_size:
+        raise ValueError(f"the teacher (vocabulary {t.vocab_size}, {t.block_size} positions) cannot read the data "
+                         f"(vocabulary {data_vocab_size}) at block_size {block_size}")
+    return ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source, label_sign,
+                          chunk_size)
+
+
 def fingerprint(module):
     """A short hash of a module's weights: a cache records which teacher and SAE made it."""
     digest = hashlib.sha256()
@@ -185,46 +201,39 @@ label_cache = ""  # where the labels go (default: <data_dir>/labels)
 device = "auto"  # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
 
-
-def main():
+if __name__ == "__main__":
     from tqdm import tqdm
 
     from configurator import configure
-    from model import GPT, device_and_autocast
+    from model import device_and_autocast
     from prepare import load_meta
-    from sae import TopKSAE
 
     config = configure(globals())
-    device, _, autocast = device_and_autocast(config["device"], config["dtype"])
+    device, _, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
-    out = label_cache or os.path.join(data_dir, "labels")
+    label_cache = label_cache or os.path.join(data_dir, "labels")
     try:
         meta = load_meta(data_dir)
-        teacher_model = GPT.load(teacher)
-        sae_model = TopKSAE.load(sae, sae_layer)
-        labeler = ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source,
-                                 label_sign, chunk_size)
+        labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device, meta["vocab_size"],
+                               block_size, chunk_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if block_size > teacher_model.config.block_size:
-        raise SystemExit(f"error: block_size {block_size} exceeds the teacher's {teacher_model.config.block_size}")
-    if meta["vocab_size"] > teacher_model.config.vocab_size:
-        raise SystemExit(f"error: {data_dir} has a vocabulary of {meta['vocab_size']}, "
-                         f"the teacher {teacher_model.config.vocab_size}")
-    os.makedirs(out, exist_ok=True)
-    made_by = {**{k: config[k] for k in LABEL_SETTINGS if k in config}, "n_concepts": sae_model.n_concepts,
-               "teacher_fingerprint": fingerprint(teacher_model), "sae_fingerprint": fingerprint(sae_model)}
+    os.makedirs(label_cache, exist_ok=True)
+    # the settings a reader checks (n_concepts is the SAE's, not a setting of this command), and the weights
+    made_by = {**{k: config[k] for k in LABEL_SETTINGS if k in config}, "n_concepts": labeler.sae.n_concepts,
+               "teacher_fingerprint": fingerprint(labeler.teacher), "sae_fingerprint": fingerprint(labeler.sae)}
     for s in ("train", "val") if split == "both" else (split,):
         data = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r")
         n_windows = (len(data) - 1) // block_size
-        bin_path, json_path = cache_paths(out, s)
+        bin_path, json_path = cache_paths(label_cache, s)
         header = {**made_by, "data": os.path.abspath(os.path.join(data_dir, f"{s}.bin")), "data_tokens": len(data),
-                  "n_windows": n_windows, "dtype": "uint16" if sae_model.n_concepts <= 2**16 else "uint32", "done": 0}
+                  "n_windows": n_windows, "dtype": "uint16" if labeler.sae.n_concepts <= 2**16 else "uint32",
+                  "done": 0}
         shape = (n_windows, block_size, k_attr)
         if os.path.exists(json_path) and os.path.exists(bin_path):
             old = read_header(json_path)
             if {k: v for k, v in old.items() if k != "done"} != {k: v for k, v in header.items() if k != "done"}:
-                raise SystemExit(f"error: {json_path} holds labels made with other settings; delete {out} "
+                raise SystemExit(f"error: {json_path} holds labels made with other settings; delete {label_cache} "
                                  f"or choose another --label_cache")
             header["done"] = old["done"]
             labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=shape)
@@ -250,9 +259,5 @@ def main():
         bar.close()
         labels.flush()
         write_header(json_path, header)
-        print(f"{s}: {n_windows * block_size:,} tokens labelled in {out} "
+        print(f"{s}: {n_windows * block_size:,} tokens labelled in {label_cache} "
               f"({n_windows * block_size / max(time.time() - t0, 1e-9):,.0f} tok/s)")
-
-
-if __name__ == "__main__":
-    main()

@@ -31,7 +31,7 @@ pair = "69m"  # train: config/cocomix_<pair>.py against config/ntp_<pair>.py
 teacher = "tiny"  # labeler: the teacher's shape, 'tiny' (4 blocks, width 128) or 'gpt2-124m'
 sae_layer = 1  # labeler: the block the SAE reads (train: the config's)
 n_concepts = 32768  # labeler: C (train: the config's)
-sae_k = 32  # active SAE latents per token
+sae_k = 32  # active SAE latents per token (OpenAI's GPT-2 SAEs: 32)
 k_attr = 4  # labeler: labels per position (train: the config's)
 chunk_size = 1024  # labeler: positions scored at once
 batch_size = 8  # sequences per step or call
@@ -111,7 +111,7 @@ def bench_train_mode():
         n_layer, n_head, n_embd, vocab = TEACHERS["gpt2-124m"]
         t = GPT(GPTConfig(block_size=max(block_size, 1024), vocab_size=vocab, n_layer=n_layer, n_head=n_head,
                           n_embd=n_embd))
-        labeler = ConceptLabeler(t.to(device), TopKSAE(c["n_concepts"], n_embd, 32).to(device), c["sae_layer"],
+        labeler = ConceptLabeler(t.to(device), TopKSAE(c["n_concepts"], n_embd, sae_k).to(device), c["sae_layer"],
                                  c["k_attr"])
     x, y = (torch.randint(0, 50257, (batch_size, block_size), device=device) for _ in range(2))
     cached = torch.randint(0, c["n_concepts"], (batch_size, block_size, c["k_attr"]), device=device)

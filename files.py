@@ -9,11 +9,11 @@ from contextlib import contextmanager
 
 
 @contextmanager
-def atomic_write(path):
-    """Yields a temporary path to write; it becomes `path` only when the block ends without an error,
-    so a crash or Ctrl-C leaves the previous file (or none), never half of one. The temporary name
-    is per process: torchrun ranks may write the same file at once."""
-    tmp = f"{path}.{os.getpid()}.tmp"
+def atomic_write(path, tmp=None):
+    """Yields a temporary path to write (`tmp`, by default path + ".tmp"); it becomes `path` only when
+    the block ends without an error, so a crash or Ctrl-C leaves the previous file (or none), never
+    half of one. A fixed name means the next write replaces what a SIGKILL left behind."""
+    tmp = tmp or f"{path}.tmp"
     try:
         yield tmp
         os.replace(tmp, path)

@@ -269,7 +269,8 @@ class GPT(nn.Module):
             x = self.transformer.h[i](x, cache, i)
 
         # predict concepts and mix them in: interleaved to (h_1, c_hat_1, h_2, c_hat_2, ...), 2T positions
-        # under ordinary causal attention, or added to the hidden states
+        # under ordinary causal attention, or added to the hidden states. The interleave and the readout
+        # are rebuilt by hand in tests/test_cocomix.py::test_interleaving_order_and_readout_by_hand
         concept_logits = None
         if self.concepts is not None:
             c_hat, concept_logits = self.concepts(x, steer)
@@ -289,7 +290,8 @@ class GPT(nn.Module):
             x = x[:, 1::2]
         logits = self.lm_head(self.transformer.ln_f(x))
 
-        # the objective: NTP, plus lam_concept x the concept loss of eq. 2 (eq. 4)
+        # the objective: NTP, plus lam_concept x the concept loss of eq. 2 (eq. 4), against log_softmax by
+        # tests/test_cocomix.py::test_concept_loss_is_eq_2
         if targets is None:
             return Output(logits, concept_logits=concept_logits)
         ntp_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)

@@ -187,20 +187,19 @@ def make_steps(cfg):
                       sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
                       label_cache=folder))
 
-    def ntp_student(seed):
-        def run(folder):
-            width = ntp_width(cfg, load_meta(cfg.data_dir)["vocab_size"])
-            tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, n_embd=width,
-                 max_iters=cfg.student_iters, seed=seed)
-        return run
+    def student(seed, model):
+        """A student's train.py run: the shared settings, then `model()`'s, asked for when it runs."""
+        return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
+                                   max_iters=cfg.student_iters, seed=seed)
 
-    def cocomix_student(seed):
-        def run(folder):
-            tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, objective="cocomix",
-                 n_embd=cfg.n_embd, teacher=teacher_dir, sae=sae_file, sae_layer=cfg.sae_layer,
-                 n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir, concept_layer=cfg.concept_layer,
-                 concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept, max_iters=cfg.student_iters, seed=seed)
-        return run
+    # the NTP baseline's width matches the active parameters once the corpus' vocabulary is known
+    def ntp():
+        return dict(n_embd=ntp_width(cfg, load_meta(cfg.data_dir)["vocab_size"]))
+
+    def cocomix():
+        return dict(objective="cocomix", n_embd=cfg.n_embd, teacher=teacher_dir, sae=sae_file, sae_layer=cfg.sae_layer,
+                    n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir,
+                    concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept)
 
     # NTP's width follows n_concepts and concept_topk, nothing else of CoCoMix's
     student_settings = {**shape, **settings("student_iters", "eval_interval", "eval_iters", "n_concepts",
@@ -209,12 +208,12 @@ def make_steps(cfg):
     for seed in range(1, cfg.seeds + 1):
         name = f"ntp-{seed}"
         students.append(Step(name, "students", out(name), [prepare], {**student_settings, "seed": seed},
-                             outputs=exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl")), run=ntp_student(seed)))
+                             outputs=exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl")), run=student(seed, ntp)))
         name = f"cocomix-{seed}"
         cocomix_settings = {**student_settings, **settings("concept_layer", "lam_concept"), "seed": seed}
         students.append(Step(name, "students", out(name), [labels], cocomix_settings,
                              outputs=exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl")),
-                             run=cocomix_student(seed)))
+                             run=student(seed, cocomix)))
 
     before_report = [prepare, teacher, sae, labels, *students]
     report_step = Step("report", "report", out("report"), [teacher, sae, labels, *students],

@@ -75,7 +75,7 @@ def training(cfg):
     final = {obj: mean_std(l[:, -1]) for obj, l in losses.items()}
     reach = tokens_to_reach(tokens, losses["cocomix"].mean(0), final["ntp"][0])
     width, ntp_params = model_shape(out("ntp-1"))
-    sae = read_metrics(out("sae"))[-1]
+    sae_metrics = read_metrics(out("sae"))[-1]
     return {
         "ntp_width": width, "active_params": {"ntp": ntp_params, "cocomix": model_shape(out("cocomix-1"))[1]},
         "tokens": tokens.tolist(), "val_ntp_loss": {obj: l.tolist() for obj, l in losses.items()},
@@ -85,7 +85,7 @@ def training(cfg):
         "concept_top_k_attr": mean_std([val_curve(out(f"cocomix-{s}"), "val_concept_top_k_attr")[1][-1]
                                         for s in seeds]),
         "concept_top_k_attr_chance": cfg.k_attr / cfg.n_concepts,
-        "sae": {"val_nmse": sae["val_nmse"], "val_fve": sae["val_fve"], "dead_frac": sae["dead_frac"]},
+        "sae": {k: sae_metrics[k] for k in ("val_nmse", "val_fve", "dead_frac")},
     }
 
 
@@ -101,13 +101,13 @@ def steering(cfg, device, autocast):
     del ckpt
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     val_topic = np.memmap(os.path.join(cfg.data_dir, "val_topic.bin"), dtype=np.uint8, mode="r")
-    teacher = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
-    sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
+    teacher_model = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
+    sae_model = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     block_size, n_topics = model.config.block_size, len(meta["topics"])
     with autocast:
         tied = topics.topic_features(lambda x: model(x).concept_logits, val, val_topic, n_topics, block_size, device)
-        in_sae = topics.topic_features(lambda x: sae.encode_pre(teacher.hidden(x, cfg.sae_layer))[0], val, val_topic,
-                                       n_topics, block_size, device)
+        in_sae = topics.topic_features(lambda x: sae_model.encode_pre(teacher_model.hidden(x, cfg.sae_layer))[0], val,
+                                       val_topic, n_topics, block_size, device)
     # the names the corpus used, each one token, so that every prompt has the same length
     names = [n for n in meta["names"] if " " + n in tok.stoi]
     prompts = topics.prompts(names, cfg.steer_samples)

@@ -22,12 +22,15 @@ KEYS = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "stats_la
 
 
 class TopKSAE(nn.Module):
-    """n_concepts latents on a residual stream of width d_model, k of them active per token:
+    """n_concepts latents on a residual stream of width d_model, k of them active per token (`k` is
+    the file format's name; the scripts' setting is sae_k):
 
         c_pre = W_enc (LN(x) - pre_bias) + latent_bias      (C,) pre-activations
         c     = ReLU(TopK_k(c_pre))                         the latents
         x_hat = (W_dec c + pre_bias) * std(x) + mean(x)     the reconstruction, in x's scale
-    """
+
+    checked against a numpy transcription of OpenAI's format by
+    tests/test_sae.py::test_openai_file_loads_and_matches_numpy."""
 
     def __init__(self, n_concepts, d_model, k):
         super().__init__()
@@ -103,6 +106,8 @@ class TopKSAE(nn.Module):
     def load(cls, name, sae_layer=None):
         """An SAE by name: a local file, an https URL (downloaded once into ~/.cache/cocomix), or
         'openai' for OpenAI's GPT-2 small v5 32k SAE on the output of block `sae_layer`."""
+        if name == "openai" and sae_layer is None:
+            raise ValueError("the 'openai' SAE needs the block it reads: TopKSAE.load('openai', sae_layer)")
         if name == "openai":
             name = OPENAI_SAE_URL.format(layer=sae_layer)
         path = download(name) if name.startswith(("http://", "https://")) else name
@@ -131,9 +136,11 @@ def download(url):
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    # OSError includes URLError: offline, or a wrong address
+    # a temporary file per process, since torchrun ranks may download at once; OSError includes URLError:
+    # offline, or a wrong address
     try:
-        with atomic_write(path) as tmp, urllib.request.urlopen(url) as r, open(tmp, "wb") as f:
+        with atomic_write(path, f"{path}.{os.getpid()}.tmp") as tmp, urllib.request.urlopen(url) as r, \
+                open(tmp, "wb") as f:
             size = int(r.headers.get("Content-Length", 0)) or None
             with tqdm(total=size, unit="B", unit_scale=True, desc=parts[-1]) as bar:
                 while block := r.read(1 << 20):
@@ -234,3 +241,8 @@ def evaluate(sae, x):
     nmse = normalized_mse(sae.decoder(c) + sae.pre_bias, x_n).item()
     fve = 1 - normalized_mse(x_hat, x).item()
     return {"nmse": nmse, "fve": fve, "l0": (c > 0).float().sum(dim=-1).mean().item()}
+
+
+# sae.py trained SAEs until the training command moved to its own file
+if __name__ == "__main__":
+    raise SystemExit("error: sae.py is the SAE module; train one with `python train_sae.py config/sae_tiny.py`")

@@ -11,7 +11,6 @@ are words: the structure is learnt in minutes on a CPU, and so is steering's eff
 import re
 
 import numpy as np
-import torch
 
 TOPICS = {
     "sea": "ship sail wave harbor anchor sailor island tide shore captain deck mast reef gull current "
@@ -124,16 +123,18 @@ def topic_rate(texts, topic_words):
     return sum(w in topic_words for w in found) / max(1, len(found))
 
 
-@torch.no_grad()
 def topic_features(features, tokens, topic, n_topics, block_size, device):
     """For each planted topic, the feature (a column of `features(x)`, e.g. concept logits) that
     correlates most (Pearson, over the positions of validation paragraphs) with the indicator of
     that topic: [(feature, correlation)], (None, None) for a topic absent from the text."""
+    # imported here: prepare.py imports this module, and needs no torch
+    import torch
     starts = np.arange(0, len(tokens) - block_size + 1, block_size)
     z, t = [], []
     for batch in np.array_split(starts, (len(starts) + 15) // 16):
         x = torch.from_numpy(np.stack([tokens[s:s + block_size] for s in batch]).astype(np.int64)).to(device)
-        z.append(features(x).float().flatten(0, 1).cpu())
+        with torch.no_grad():
+            z.append(features(x).float().flatten(0, 1).cpu())
         t.append(torch.from_numpy(np.stack([topic[s:s + block_size] for s in batch]).astype(np.int64)).flatten())
     z, t = torch.cat(z), torch.cat(t)
     z, t = z[t != NO_TOPIC], t[t != NO_TOPIC]

@@ -19,12 +19,11 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import LABEL_SETTINGS, ConceptLabeler, LabelCache
+from attribution import LABEL_SETTINGS, LabelCache, load_labeler
 from configurator import configure
 from files import atomic_write, metrics_log
 from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, load_checkpoint
 from prepare import load_meta
-from sae import TopKSAE
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -136,16 +135,10 @@ if objective == "cocomix":
             expect = {k: config[k] for k in LABEL_SETTINGS}
             label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
         else:
-            sae_model = TopKSAE.load(sae, sae_layer)
-            if sae_model.n_concepts != n_concepts:
-                raise ValueError(f"the SAE has {sae_model.n_concepts} latents, n_concepts is {n_concepts}")
-            teacher_model = GPT.load(teacher)
-            t = teacher_model.config
-            if t.vocab_size < meta["vocab_size"] or t.block_size < block_size:
-                raise ValueError(f"the teacher (vocabulary {t.vocab_size}, {t.block_size} positions) cannot read "
-                                 f"{data_dir} (vocabulary {meta['vocab_size']}) at block_size {block_size}")
-            labeler = ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source,
-                                     label_sign)
+            labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device,
+                                   meta["vocab_size"], block_size)
+            if labeler.sae.n_concepts != n_concepts:
+                raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: concept labels: {e}")
 
@@ -385,7 +378,7 @@ while True:
         mfu = estimate_mfu(tok_s / world_size)
         if master:
             mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
-            concept_text = (f" | concept {train['train_concept_loss']:.4f} top-k_attr "
+            concept_text = (f" | concept {train['train_concept_loss']:.4f} top-{k_attr} "
                             f"{train['train_concept_top_k_attr']:.3f}" if objective == "cocomix" else "")
             print(f"step {step}/{max_iters} | loss {train['train_loss']:.4f}{concept_text} | lr {lr:.2e} | "
                   f"{tok_s:,.0f} tok/s{mfu_text} | {1000 * dt:.0f} ms/step")

@@ -39,7 +39,10 @@ device = "auto"  # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
 config = configure(globals())
 # -----------------------------------------------------------------------------
+# the teacher and its activations
 
+if init_from not in ("scratch", "resume"):
+    raise SystemExit(f"error: init_from must be 'scratch' or 'resume', not {init_from!r}")
 device, _, autocast = device_and_autocast(device, dtype)
 torch.manual_seed(seed)
 try:
@@ -67,7 +70,9 @@ def activations(split, generator):
     return h.float().view(-1, h.size(-1))
 
 
+# -----------------------------------------------------------------------------
 # the SAE, new or from the checkpoint
+
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 sae = TopKSAE(n_concepts, teacher_model.config.n_embd, sae_k).to(device)
@@ -86,6 +91,9 @@ else:
     init_pre_bias(sae, activations("train", torch.Generator().manual_seed(seed + 1)))
 val_x = activations("val", torch.Generator().manual_seed(seed + 2))
 log = metrics_log(out_dir, start if init_from == "resume" else None)
+
+# -----------------------------------------------------------------------------
+# the loop
 
 t0 = time.time()
 bar = tqdm(range(start, max_iters), initial=start, total=max_iters, desc="sae")
