@@ -335,24 +335,25 @@ class GPT(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_dir, dropout=0.0):
         """GPT-2 weights in Hugging Face's layout, from a local folder or a hub id (`gpt2`, ...)."""
-        if name_or_dir in GPT2_SIZES and not os.path.isdir(name_or_dir):
+        if os.path.isdir(name_or_dir):
+            folder = name_or_dir
+        elif name_or_dir in GPT2_SIZES:
             from huggingface_hub import snapshot_download
-            name_or_dir = snapshot_download(f"openai-community/{name_or_dir}",
-                                            allow_patterns=["config.json", "model.safetensors"])
-        elif not os.path.isdir(name_or_dir):
+            folder = snapshot_download(f"openai-community/{name_or_dir}",
+                                       allow_patterns=["config.json", "model.safetensors"])
+        else:
             raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {', '.join(GPT2_SIZES)}")
-        folder, file = name_or_dir, lambda name: os.path.join(name_or_dir, name)
-        if not os.path.exists(file("config.json")):
+        if not os.path.exists(os.path.join(folder, "config.json")):
             raise ValueError(f"{folder} is not a Hugging Face GPT-2 folder (no config.json)")
-        with open(file("config.json")) as f:
+        with open(os.path.join(folder, "config.json")) as f:
             hf = json.load(f)
         config = GPTConfig(block_size=hf["n_positions"], vocab_size=hf["vocab_size"], n_layer=hf["n_layer"],
                            n_head=hf["n_head"], n_embd=hf["n_embd"], dropout=dropout, bias=True)
-        if os.path.exists(file("model.safetensors")):
+        if os.path.exists(os.path.join(folder, "model.safetensors")):
             from safetensors.torch import load_file
-            sd_hf = load_file(file("model.safetensors"))
-        elif os.path.exists(file("pytorch_model.bin")):
-            sd_hf = torch.load(file("pytorch_model.bin"), map_location="cpu", weights_only=True)
+            sd_hf = load_file(os.path.join(folder, "model.safetensors"))
+        elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
+            sd_hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
         else:
             raise ValueError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
         model = cls(config)
