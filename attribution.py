@@ -25,6 +25,7 @@ from sae import TopKSAE
 
 LABEL_SOURCES = ("pre", "post")
 LABEL_SIGNS = ("literal", "abs", "neg")
+LABEL_SCORES = ("attribution", "activation")
 
 
 class ConceptLabeler:
@@ -44,12 +45,16 @@ class ConceptLabeler:
     label_sign:   "literal" takes the k_attr largest a (eq. 1 as written and the release); "abs" the
                   largest |a|; "neg" the largest -a. To first order removing concept i changes the
                   loss by -a_i.
+    label_score:  "attribution" (the paper) scores with a; "activation" (the ablation of Fig. 6a) with
+                  the SAE's activation c = TopK(c_pre) itself, needing no gradient.
     """
 
-    def __init__(self, teacher, sae, sae_layer, k_attr=4, label_source="pre", label_sign="literal", chunk_size=1024):
-        if label_source not in LABEL_SOURCES or label_sign not in LABEL_SIGNS:
-            raise ValueError(f"label_source must be one of {LABEL_SOURCES} and label_sign one of {LABEL_SIGNS}, "
-                             f"got {label_source!r}, {label_sign!r}")
+    def __init__(self, teacher, sae, sae_layer, k_attr=4, label_source="pre", label_sign="literal", chunk_size=1024,
+                 label_score="attribution"):
+        if label_source not in LABEL_SOURCES or label_sign not in LABEL_SIGNS or label_score not in LABEL_SCORES:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, label_sign one of {LABEL_SIGNS} and "
+                             f"label_score one of {LABEL_SCORES}, got {label_source!r}, {label_sign!r}, "
+                             f"{label_score!r}")
         if not 0 <= sae_layer < teacher.config.n_layer:
             raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
         if sae.d_model != teacher.config.n_embd:
@@ -60,7 +65,7 @@ class ConceptLabeler:
         self.teacher = teacher.eval().requires_grad_(False)
         self.sae = sae.eval().requires_grad_(False)
         self.sae_layer, self.k_attr, self.chunk_size = sae_layer, k_attr, chunk_size
-        self.label_source, self.label_sign = label_source, label_sign
+        self.label_source, self.label_sign, self.label_score = label_source, label_sign, label_score
 
     # enable_grad: also inside a caller's no_grad, e.g. labelling validation batches
     @torch.enable_grad()
@@ -82,18 +87,25 @@ class ConceptLabeler:
         return h.detach().float().flatten(0, 1), g.float().flatten(0, 1)
 
     def chunks(self, x, y):
-        """Yields (start, end, a) with a the (end - start, C) attribution scores of those positions."""
-        h, g = self.residual_and_grad(x, y)
+        """Yields (start, end, a) with a the (end - start, C) scores of those positions: attribution
+        scores, or for label_score 'activation' the SAE's activations."""
+        if self.label_score == "activation":
+            with torch.no_grad():
+                h, g = self.teacher.hidden(x, self.sae_layer).float().flatten(0, 1), None
+        else:
+            h, g = self.residual_and_grad(x, y)
         sae = self.sae
         with torch.autocast(h.device.type, enabled=False):
             x_n, _, std = layer_norm(h)
-            g_n = g * std
             for s in range(0, h.size(0), self.chunk_size):
                 e = min(s + self.chunk_size, h.size(0))
                 c = F.linear(x_n[s:e] - sae.pre_bias, sae.encoder.weight, sae.latent_bias)
+                if self.label_score == "activation":
+                    yield s, e, sae.topk(c)
+                    continue
                 if self.label_source == "post":
                     c = sae.topk(c)
-                yield s, e, c.mul_(g_n[s:e] @ sae.decoder.weight)
+                yield s, e, c.mul_((g[s:e] * std[s:e]) @ sae.decoder.weight)
 
     @torch.no_grad()
     def __call__(self, x, y):
@@ -107,26 +119,33 @@ class ConceptLabeler:
         return labels.view(*x.shape, self.k_attr)
 
     def scores(self, x, y):
-        """The attribution scores a (B, T, C) of eq. 1, before any sign convention."""
+        """The scores (B, T, C): eq. 1's attribution a before any sign convention, or the activations."""
         out = torch.empty(x.numel(), self.sae.n_concepts, device=x.device)
         for s, e, a in self.chunks(x, y):
             out[s:e] = a
         return out.view(*x.shape, -1)
 
 
-def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device, data_vocab_size, block_size,
-                 chunk_size=1024):
-    """The labeler of train.py's and this command's settings, with the teacher (a train.py out_dir, a
-    GPT-2 size or folder) and the SAE (see TopKSAE.load) on `device`; a ValueError (FileNotFoundError
-    for a missing file) says what does not fit: the teacher must read the data's tokens at block_size."""
-    sae_model = TopKSAE.load(sae, sae_layer)
-    teacher_model = GPT.load(teacher)
-    t = teacher_model.config
+def load_teacher(teacher, device, data_vocab_size, block_size):
+    """The frozen teacher (a train.py out_dir, a GPT-2 size or folder) on `device`; a ValueError if it
+    cannot read the data's tokens at block_size."""
+    model = GPT.load(teacher)
+    t = model.config
     if t.vocab_size < data_vocab_size or t.block_size < block_size:
         raise ValueError(f"the teacher (vocabulary {t.vocab_size}, {t.block_size} positions) cannot read the data "
                          f"(vocabulary {data_vocab_size}) at block_size {block_size}")
-    return ConceptLabeler(teacher_model.to(device), sae_model.to(device), sae_layer, k_attr, label_source, label_sign,
-                          chunk_size)
+    return model.to(device).eval().requires_grad_(False)
+
+
+def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device, data_vocab_size,
+                 block_size, chunk_size=1024):
+    """The labeler of train.py's and this command's settings, with the teacher (see load_teacher) and
+    the SAE (see TopKSAE.load) on `device`; a ValueError (FileNotFoundError for a missing file) says
+    what does not fit."""
+    sae_model = TopKSAE.load(sae, sae_layer)
+    teacher_model = load_teacher(teacher, device, data_vocab_size, block_size)
+    return ConceptLabeler(teacher_model, sae_model.to(device), sae_layer, k_attr, label_source, label_sign, chunk_size,
+                          label_score)
 
 
 def fingerprint(module):
@@ -144,10 +163,13 @@ def fingerprint(module):
 # concepts): window i labels tokens [i * block_size, (i + 1) * block_size) of <split>.bin, whose
 # targets are the next tokens. <split>.json, its header, records what made it and how many windows
 # are done. A reader (train.py) checks LABEL_SETTINGS, which both scripts name alike, against its own.
-LABEL_SETTINGS = ("teacher", "sae", "sae_layer", "k_attr", "label_source", "label_sign", "block_size", "n_concepts")
+LABEL_SETTINGS = ("teacher", "sae", "sae_layer", "k_attr", "label_source", "label_sign", "label_score", "block_size",
+                  "n_concepts")
 # Headers written before the settings took their shared names hold these keys; read as the new ones.
 OLD_HEADER_KEYS = {"layer": "sae_layer", "source": "label_source", "sign": "label_sign", "n_latents": "n_concepts",
                    "n_chunks": "n_windows"}
+# and before label_score existed, every cache held attribution labels
+OLD_HEADER_DEFAULTS = {"label_score": "attribution"}
 
 
 def cache_paths(label_cache, split):
@@ -156,7 +178,7 @@ def cache_paths(label_cache, split):
 
 def read_header(path):
     with open(path) as f:
-        return {OLD_HEADER_KEYS.get(k, k): v for k, v in json.load(f).items()}
+        return {**OLD_HEADER_DEFAULTS, **{OLD_HEADER_KEYS.get(k, k): v for k, v in json.load(f).items()}}
 
 
 def write_header(path, header):
@@ -194,6 +216,7 @@ sae_layer = 5  # the block whose output the SAE reads (0-based; GPT-2 + OpenAI's
 k_attr = 4  # labels per position (the paper: 4)
 label_source = "pre"  # 'pre' (the paper: pre-activations) or 'post' (the authors' release: TopK activations)
 label_sign = "literal"  # 'literal' (eq. 1 as written), 'abs' or 'neg'
+label_score = "attribution"  # 'attribution' (eq. 1) or 'activation' (the SAE's activations: paper Fig. 6a's ablation)
 block_size = 1024  # window length: must equal the block_size of the training run that reads the cache
 batch_size = 8  # windows per teacher pass
 chunk_size = 1024  # positions scored at once (memory: a few chunk_size x C fp32 temporaries)
@@ -214,8 +237,8 @@ if __name__ == "__main__":
     label_cache = label_cache or os.path.join(data_dir, "labels")
     try:
         meta = load_meta(data_dir)
-        labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device, meta["vocab_size"],
-                               block_size, chunk_size)
+        labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
+                               meta["vocab_size"], block_size, chunk_size)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     os.makedirs(label_cache, exist_ok=True)

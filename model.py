@@ -22,7 +22,9 @@ GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 @dataclass
 class GPTConfig:
     """The shape of a GPT, filled from train.py's settings of the same names (`--help` says what each
-    means). n_concepts = 0 is a plain GPT; above 0 the concept mixer of CoCoMix exists."""
+    means). n_concepts = 0 is a plain GPT; above 0 the concept mixer of CoCoMix exists. The baselines
+    and ablations: hidden_size > 0 predicts the teacher's hidden state (that wide) instead of concepts,
+    pause interleaves a learned vector instead, lam_kd > 0 adds knowledge distillation."""
     block_size: int = 1024
     vocab_size: int = 50257
     n_layer: int = 12
@@ -35,22 +37,35 @@ class GPTConfig:
     concept_layer: int = 3
     mixing: str = "interleave"
     lam_concept: float = 0.1
+    hidden_size: int = 0
+    hidden_loss: str = "l2"
+    pause: bool = False
+    lam_kd: float = 0.0
 
 
 # The GPTConfig fields of the concept mixer: a plain GPT leaves them at their defaults.
 CONCEPT_ARGS = ("n_concepts", "concept_topk", "concept_layer", "mixing", "lam_concept")
-# 'interleave' (the paper), 'add' (h + c_hat, the intervention ablation), 'none' (prediction only)
-MIXINGS = ("interleave", "add", "none")
+# 'interleave' (the paper), 'add' (h + c_hat, the intervention ablation), 'none' (prediction only), and beyond
+# the paper 'residual_slot': interleaved, but the slot holds h_t + c_hat_t instead of c_hat_t
+MIXINGS = ("interleave", "add", "none", "residual_slot")
+# the mixings that give each token a second position, the slot, above concept_layer
+INTERLEAVED = ("interleave", "residual_slot")
+# the losses of hidden-state prediction (paper Fig. 6b)
+HIDDEN_LOSSES = ("l1", "l2", "cosine")
+# steering a concept logit z_i: 'scale' multiplies it (paper §3.2), 'add' adds to it
+STEER_MODES = ("scale", "add")
 
 
 class Output(NamedTuple):
     """What GPT.forward returns: logits (B, T, vocab_size); with targets, loss = ntp_loss + lam_concept x
-    concept_loss (eq. 4); concept_logits z (B, T, n_concepts) of a model with concepts."""
+    concept_loss (eq. 4) + lam_kd x kd_loss; concept_logits z (B, T, n_concepts) of a model with concepts.
+    For hidden-state prediction concept_loss is its continuous loss."""
     logits: torch.Tensor
     loss: Optional[torch.Tensor] = None
     ntp_loss: Optional[torch.Tensor] = None
     concept_loss: Optional[torch.Tensor] = None
     concept_logits: Optional[torch.Tensor] = None
+    kd_loss: Optional[torch.Tensor] = None
 
 
 def layer_norm(x, eps=1e-5):
@@ -165,15 +180,19 @@ class ConceptMixer(nn.Module):
             self.compressor = nn.Embedding(config.n_concepts, config.n_embd)
             self.compressor_bias = nn.Parameter(torch.zeros(config.n_embd))
 
-    def forward(self, h, steer=None):
-        """(c_hat, z) for hidden states h (B, T, d); `steer` = {concept: scale} multiplies those entries
-        of z before the TopK (paper §3.2). c_hat is None for prediction only."""
+    def forward(self, h, steer=None, steer_mode="scale"):
+        """(c_hat, z) for hidden states h (B, T, d); `steer` = {concept: s} multiplies those entries of z
+        by s (paper §3.2) or, with steer_mode 'add', adds s to them, before the TopK. Multiplying cannot
+        lift a concept whose logit is negative into the TopK; adding can. c_hat is None for prediction only."""
         x, mu, std = layer_norm(h)
         concept_logits = self.predictor(x - self.pre_bias)
         if steer:
-            scale = torch.ones(concept_logits.size(-1), device=h.device, dtype=concept_logits.dtype)
-            scale[list(steer)] = torch.tensor(list(steer.values()), dtype=scale.dtype, device=h.device)
-            concept_logits = concept_logits * scale
+            index = torch.tensor(list(steer), device=h.device)
+            value = torch.tensor(list(steer.values()), dtype=concept_logits.dtype, device=h.device)
+            if steer_mode == "scale":
+                concept_logits = concept_logits.index_copy(-1, index, concept_logits[..., index] * value)
+            else:
+                concept_logits = concept_logits.index_copy(-1, index, concept_logits[..., index] + value)
         if self.compressor is None:
             return None, concept_logits
         values, indices = concept_logits.topk(self.k, dim=-1)
@@ -181,6 +200,52 @@ class ConceptMixer(nn.Module):
                             per_sample_weights=values.flatten(0, -2).to(self.compressor.weight.dtype))
         c_hat = (c.view_as(h) + self.compressor_bias + self.pre_bias) * std + mu
         return c_hat, concept_logits
+
+
+class HiddenMixer(nn.Module):
+    """The ablation of paper Fig. 6b, direct hidden-state prediction: in place of the concept head a
+    2-layer MLP g predicts the teacher's hidden state h_con at sae_layer (layer-normed, as the SAE reads
+    it), and g(h) is compressed and mixed like c_hat:
+
+        g     = W_2 GELU(W_1 LN(h) + b_1) + b_2                        (B, T, hidden_size)
+        c_hat = (W_comp g + b_comp) * std(h) + mean(h)"""
+
+    def __init__(self, config):
+        super().__init__()
+        d = config.n_embd
+        self.predictor = nn.Sequential(nn.Linear(d, d), nn.GELU(approximate="tanh"), nn.Linear(d, config.hidden_size))
+        self.compressor = nn.Linear(config.hidden_size, d) if config.mixing != "none" else None
+
+    def forward(self, h):
+        x, mu, std = layer_norm(h)
+        g = self.predictor(x)
+        if self.compressor is None:
+            return None, g
+        return self.compressor(g) * std + mu, g
+
+
+def hidden_loss(g, target, kind):
+    """Fig. 6b's continuous losses between the prediction g and the target (both (..., D)), means over
+    positions: 'l1' |target - g| and 'l2' (target - g)^2, each also averaged over the D dimensions (the
+    paper writes the sum; the mean keeps lam_concept's scale), 'cosine' 1 - cos(target, g)."""
+    g, target = g.float(), target.float()
+    if kind == "l1":
+        return F.l1_loss(g, target)
+    if kind == "l2":
+        return F.mse_loss(g, target)
+    return 1 - F.cosine_similarity(g, target, dim=-1).mean()
+
+
+def kd_loss(logits, teacher_logits):
+    """Knowledge distillation (paper App. A, Hinton et al. 2015): KL(p_teacher || p_student) of the
+    next-token distributions at temperature 1, in fp32, mean over positions:
+
+        kd_loss = sum_v p_T(v) (log p_T(v) - log p_S(v))
+
+    A teacher with a larger vocabulary (e.g. padded) is read over the student's tokens only."""
+    log_p = F.log_softmax(logits.float().flatten(0, -2), dim=-1)
+    log_q = F.log_softmax(teacher_logits[..., :logits.size(-1)].float().flatten(0, -2), dim=-1)
+    return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
 class ConceptLoss(torch.autograd.Function):
@@ -224,12 +289,24 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
-        self.concepts = None
-        if config.n_concepts:
+        # what fills the slot (or is added): predicted concepts, a predicted hidden state, or a pause vector
+        self.concepts, self.pause = None, None
+        if config.n_concepts or config.hidden_size or config.pause:
             assert 0 <= config.concept_layer < config.n_layer, "concept_layer must index a block"
             assert config.mixing in MIXINGS, f"mixing must be one of {MIXINGS}"
+            assert (config.n_concepts > 0) + (config.hidden_size > 0) + config.pause == 1, \
+                "a model predicts concepts, predicts hidden states or pauses: one of them"
+        if config.n_concepts:
             assert config.concept_topk <= config.n_concepts, "concept_topk must not exceed n_concepts"
             self.concepts = ConceptMixer(config)
+        elif config.hidden_size:
+            assert config.hidden_loss in HIDDEN_LOSSES, f"hidden_loss must be one of {HIDDEN_LOSSES}"
+            self.concepts = HiddenMixer(config)
+        elif config.pause:
+            assert config.mixing == "interleave", "pause tokens are interleaved"
+            self.pause = nn.Parameter(0.02 * torch.randn(config.n_embd))
+        # how the slot's content enters the stream; None for a plain GPT
+        self.mixing = config.mixing if self.concepts is not None or self.pause is not None else None
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # tied, as in GPT-2
         self.transformer.wte.weight = self.lm_head.weight
@@ -251,17 +328,20 @@ class GPT(nn.Module):
         """Active parameters as the paper counts them: embeddings included, the tied head once, the
         concept predictor fully and of the compressor only the concept_topk columns a token uses."""
         n = sum(p.numel() for p in self.parameters())
-        if self.concepts is not None and self.concepts.compressor is not None:
+        if isinstance(self.concepts, ConceptMixer) and self.concepts.compressor is not None:
             n -= (self.config.n_concepts - self.config.concept_topk) * self.config.n_embd
         return n
 
-    def forward(self, idx, targets=None, concept_labels=None, cache=None, steer=None):
+    def forward(self, idx, targets=None, concept_labels=None, cache=None, steer=None, steer_mode="scale",
+                teacher_hidden=None, teacher_logits=None):
         """An Output for tokens idx (B, T): the logits, and given next tokens `targets` (B, T) the loss,
         NTP plus lam_concept x the concept loss of `concept_labels` (B, T, k_attr) (eq. 4). `cache`: a
-        KVCache for generation; `steer` = {concept: scale} (paper §3.2)."""
+        KVCache for generation; `steer` = {concept: s}, `steer_mode` 'scale' (paper §3.2) or 'add'.
+        The ablations and baselines: `teacher_hidden` (B, T, hidden_size), the target of hidden-state
+        prediction; `teacher_logits` (B, T, vocab), the teacher of knowledge distillation."""
         cfg = self.config
-        mixing = cfg.mixing if self.concepts is not None else None
-        mix_at = cfg.concept_layer if self.concepts is not None else cfg.n_layer
+        mixing = self.mixing
+        mix_at = cfg.concept_layer if mixing else cfg.n_layer
         x = self.embed(idx, past=cache.tokens if cache is not None else 0)
 
         # the lower blocks see tokens only
@@ -271,13 +351,19 @@ class GPT(nn.Module):
         # predict concepts and mix them in: interleaved to (h_1, c_hat_1, h_2, c_hat_2, ...), 2T positions
         # under ordinary causal attention, or added to the hidden states. The interleave and the readout
         # are rebuilt by hand in tests/test_cocomix.py::test_interleaving_order_and_readout_by_hand
-        concept_logits = None
-        if self.concepts is not None:
-            c_hat, concept_logits = self.concepts(x, steer)
-            if mixing == "interleave":
-                x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
-            elif mixing == "add":
-                x = x + c_hat
+        prediction = None
+        if self.pause is not None:
+            c_hat = self.pause.to(x.dtype).expand_as(x)
+        elif isinstance(self.concepts, ConceptMixer):
+            c_hat, prediction = self.concepts(x, steer, steer_mode)
+        elif self.concepts is not None:
+            c_hat, prediction = self.concepts(x)
+        if mixing == "interleave":
+            x = torch.stack((x, c_hat), dim=2).flatten(1, 2)
+        elif mixing == "residual_slot":
+            x = torch.stack((x, x + c_hat), dim=2).flatten(1, 2)
+        elif mixing == "add":
+            x = x + c_hat
 
         # the upper blocks
         for i in range(mix_at, cfg.n_layer):
@@ -285,25 +371,33 @@ class GPT(nn.Module):
         if cache is not None:
             cache.tokens += idx.size(1)
 
-        # readout: after an interleave the next token is read at the concept positions 1, 3, 5, ...
-        if mixing == "interleave":
+        # readout: after an interleave the next token is read at the slots, positions 1, 3, 5, ...
+        if mixing in INTERLEAVED:
             x = x[:, 1::2]
         logits = self.lm_head(self.transformer.ln_f(x))
 
         # the objective: NTP, plus lam_concept x the concept loss of eq. 2 (eq. 4), against log_softmax by
-        # tests/test_cocomix.py::test_concept_loss_is_eq_2
+        # tests/test_cocomix.py::test_concept_loss_is_eq_2; or a baseline's or ablation's term
+        concept_logits = prediction if cfg.n_concepts else None
         if targets is None:
             return Output(logits, concept_logits=concept_logits)
         ntp_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        if concept_labels is None:
-            return Output(logits, ntp_loss, ntp_loss, concept_logits=concept_logits)
-        c_loss = ConceptLoss.apply(concept_logits.flatten(0, -2), concept_labels.flatten(0, -2))
-        return Output(logits, ntp_loss + cfg.lam_concept * c_loss, ntp_loss, c_loss, concept_logits)
+        loss, c_loss, k_loss = ntp_loss, None, None
+        if concept_labels is not None:
+            c_loss = ConceptLoss.apply(prediction.flatten(0, -2), concept_labels.flatten(0, -2))
+        elif teacher_hidden is not None:
+            c_loss = hidden_loss(prediction, teacher_hidden, cfg.hidden_loss)
+        if c_loss is not None:
+            loss = loss + cfg.lam_concept * c_loss
+        if teacher_logits is not None:
+            k_loss = kd_loss(logits, teacher_logits)
+            loss = loss + cfg.lam_kd * k_loss
+        return Output(logits, loss, ntp_loss, c_loss, concept_logits, k_loss)
 
     def new_cache(self):
         """An empty KV cache: above an interleave each token takes two positions."""
         cfg = self.config
-        two = self.concepts is not None and cfg.mixing == "interleave"
+        two = self.mixing in INTERLEAVED
         return KVCache([cfg.block_size * (2 if two and i >= cfg.concept_layer else 1) for i in range(cfg.n_layer)])
 
     def embed(self, idx, past=0):
@@ -414,17 +508,19 @@ class GPT(nn.Module):
         # wte counts once, as the head
         n_matmul = self.get_num_params() - self.transformer.wpe.weight.numel()
         attention_layers = cfg.n_layer
-        if self.concepts is not None and cfg.mixing == "interleave":
+        if self.mixing in INTERLEAVED:
             upper = self.transformer.h[cfg.concept_layer:]
             n_matmul += sum(p.numel() for p in upper.parameters())
             attention_layers += 3 * len(upper)
         return 6 * n_matmul + 12 * attention_layers * cfg.n_embd * cfg.block_size
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, concept_top=0):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, steer=None, concept_top=0,
+                 steer_mode="scale"):
         """Samples `max_new_tokens` after `idx` (B, T); temperature 0 is greedy decoding. `steer`
-        scales concept logits at every position; `concept_top` > 0 also returns the values and indices
-        (B, max_new_tokens, concept_top) of the concepts predicted where each new token was sampled."""
+        scales (or with steer_mode 'add', shifts) concept logits at every position; `concept_top` > 0
+        also returns the values and indices (B, max_new_tokens, concept_top) of the concepts predicted
+        where each new token was sampled."""
         block_size = self.config.block_size
         cache, predicted = None, []
         for _ in range(max_new_tokens):
@@ -432,9 +528,9 @@ class GPT(nn.Module):
             # so the window is recomputed each step, exactly as without a cache.
             if cache is None or cache.tokens == block_size:
                 cache = self.new_cache()
-                out = self(idx[:, -block_size:], cache=cache, steer=steer)
+                out = self(idx[:, -block_size:], cache=cache, steer=steer, steer_mode=steer_mode)
             else:
-                out = self(idx[:, -1:], cache=cache, steer=steer)
+                out = self(idx[:, -1:], cache=cache, steer=steer, steer_mode=steer_mode)
             logits = out.logits[:, -1, :]
             if concept_top:
                 predicted.append(out.concept_logits[:, -1].float().topk(concept_top, dim=-1))

@@ -5,6 +5,7 @@ Samples text from a trained model, steers its concepts, and inspects them.
     python sample.py --init_from=gpt2 --start="The meaning of life is" --num_samples=2
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5            # paper §3.2: turn a concept up
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5,19193=-3 --show_concepts
+    python sample.py --out_dir=out-cocomix-69m --steer 12783=5 --steer_mode=add   # lift a concept: z + 5
     python sample.py --init_from=gpt2 --sae_steer --steer 12783=5         # the same on the teacher's SAE latent
     python sample.py --out_dir=out-cocomix-69m --concept_norms            # paper Fig. 6c
 """
@@ -12,7 +13,7 @@ Samples text from a trained model, steers its concepts, and inspects them.
 import torch
 
 from configurator import configure
-from model import GPT, device_and_autocast, load_checkpoint
+from model import GPT, STEER_MODES, device_and_autocast, load_checkpoint
 from prepare import Tokenizer
 from sae import TopKSAE, steering_hook
 
@@ -24,6 +25,7 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # 1.0 samples the model as is, below 1 sharper, 0 greedy
 top_k = 200  # sample among the k most likely tokens only (0: all)
 steer = ""  # concepts to scale at every position, before the TopK: '12783=5' or '12783=5,19193=-3'
+steer_mode = "scale"  # 'scale' multiplies the concept logits (paper §3.2); 'add' adds, so a negative one can rise
 show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
 sae_steer = False  # steer the (plain GPT) model's SAE latent instead: scaled at sae_layer, decoded into the stream
 sae = "openai"  # for sae_steer: an SAE file, URL, or 'openai' (OpenAI's GPT-2 small SAE at sae_layer)
@@ -52,6 +54,10 @@ def parse_steer(text, n_concepts):
     return scales
 
 
+if steer_mode not in STEER_MODES:
+    raise SystemExit(f"error: steer_mode must be one of {', '.join(STEER_MODES)}, not {steer_mode!r}")
+if sae_steer and steer_mode != "scale":
+    raise SystemExit("error: --sae_steer scales the SAE's latents; --steer_mode=add steers a CoCoMix model's concepts")
 device, dtype, autocast = device_and_autocast(device, dtype)
 torch.manual_seed(seed)
 try:
@@ -64,11 +70,13 @@ try:
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 model.eval().to(device)
-mixer = model.concepts
+# the concept mixer of a CoCoMix model (the hidden-state ablation has no concepts to steer)
+mixer = model.concepts if model.config.n_concepts else None
+NO_CONCEPTS = "this model has no concepts (it was trained with objective 'ntp', 'kd', 'pause', 'pause_kd' or 'hidden')"
 
 if concept_norms:
     if mixer is None or mixer.compressor is None:
-        raise SystemExit("error: --concept_norms: this model has no compressor (objective='ntp' or mixing='none')")
+        raise SystemExit(f"error: --concept_norms: {NO_CONCEPTS}, or no compressor (mixing='none')")
     norms = mixer.compressor.weight.float().norm(dim=1).cpu()
     order = norms.argsort(descending=True)
     print(f"compressor-weight norms of {len(norms)} concepts: {(norms < 1e-2).float().mean().item():.1%} below 1e-2")
@@ -94,11 +102,10 @@ if sae_steer:
         model.transformer.h[sae_layer].register_forward_hook(hook)
 elif steer:
     if mixer is None:
-        raise SystemExit("error: --steer: this model has no concepts (it was trained with objective='ntp'); "
-                         "for GPT-2 and an SAE use --sae_steer")
+        raise SystemExit(f"error: --steer: {NO_CONCEPTS}; for GPT-2 and an SAE use --sae_steer")
     scales = parse_steer(steer, model.config.n_concepts)
 if show_concepts and mixer is None:
-    raise SystemExit("error: --show_concepts: this model has no concepts (it was trained with objective='ntp')")
+    raise SystemExit(f"error: --show_concepts: {NO_CONCEPTS}")
 
 if start.startswith("FILE:"):
     try:
@@ -119,7 +126,8 @@ x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]
 with torch.no_grad(), autocast:
     for _ in range(num_samples):
         if show_concepts:
-            y, (values, indices) = model.generate(x, max_new_tokens, temperature, top_k or None, scales, concept_top=5)
+            y, (values, indices) = model.generate(x, max_new_tokens, temperature, top_k or None, scales, concept_top=5,
+                                                  steer_mode=steer_mode)
             if mixer.compressor is not None:
                 norms = mixer.compressor.weight.float().norm(dim=1)
             else:
@@ -131,6 +139,6 @@ with torch.no_grad(), autocast:
                 print(f"\n{tokenizer.decode([token])!r:>12}  {concepts}", end="")
             print()
         else:
-            y = model.generate(x, max_new_tokens, temperature, top_k or None, scales)
+            y = model.generate(x, max_new_tokens, temperature, top_k or None, scales, steer_mode=steer_mode)
             print(tokenizer.decode(y[0].tolist()))
         print("---------------")

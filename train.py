@@ -1,8 +1,10 @@
 """
-Trains a GPT with next-token prediction (NTP) or CoCoMix; one loop from a laptop CPU to many GPUs.
+Trains a GPT with next-token prediction (NTP), CoCoMix, or one of the paper's baselines and ablations;
+one loop from a laptop CPU to many GPUs.
 
     python train.py config/tiny.py
     python train.py config/ntp_69m.py --batch_size=8 --compile=False
+    python train.py config/cocomix_69m.py --label_score=activation     # an ablation of paper Fig. 6
     torchrun --standalone --nproc_per_node=8 train.py config/cocomix_386m.py
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=HOST --master_port=29500 train.py ...
 """
@@ -19,10 +21,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import LABEL_SETTINGS, LabelCache, load_labeler
+from attribution import LABEL_SETTINGS, LabelCache, load_labeler, load_teacher
 from configurator import configure
 from files import atomic_write, metrics_log
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, load_checkpoint
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint
 from prepare import load_meta
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
@@ -49,17 +51,22 @@ n_head = 12  # attention heads
 n_embd = 768  # width
 dropout = 0.0  # dropout rate (pretraining: 0)
 bias = True  # biases in Linears and LayerNorms, as GPT-2
-# CoCoMix (objective='cocomix'; the paper's settings are in config/cocomix_*.py)
-objective = "ntp"  # 'ntp' (next-token prediction) or 'cocomix'
+# CoCoMix, and the paper's baselines: 'kd' (NTP + knowledge distillation), 'pause' (a learned vector interleaved
+# in place of c_hat), 'pause_kd'; and its ablation 'hidden' (a 2-layer MLP predicts the teacher's hidden state,
+# compressed and mixed like c_hat: Fig. 6b). The paper's settings are in config/*_69m.py and the like.
+objective = "ntp"  # 'ntp' (next-token prediction), 'cocomix', 'kd', 'pause', 'pause_kd' or 'hidden'
 n_concepts = 32768  # C, the concepts: the SAE's latents (OpenAI's GPT-2 SAE: 32768)
 concept_topk = 32  # concepts compressed into the continuous concept (eq. 3)
 concept_layer = 3  # block index before which concepts are predicted and mixed (69M: 3, 386M and 1.38B: 5)
-mixing = "interleave"  # 'interleave' (the paper), 'add' (h + c_hat) or 'none' (prediction only)
-lam_concept = 0.1  # weight of the concept loss (eq. 4)
+mixing = "interleave"  # 'interleave' (the paper), 'add' (h + c_hat), 'none', 'residual_slot' (not the paper: h + c_hat)
+lam_concept = 0.1  # weight of the concept loss (eq. 4), or of the hidden-state loss (objective='hidden')
 k_attr = 4  # concept labels per position (eq. 1)
-teacher = "gpt2"  # concept teacher: a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
+label_score = "attribution"  # labels from the 'attribution' score (eq. 1) or the SAE 'activation' (Fig. 6a)
+hidden_loss = "l2"  # objective='hidden': 'l1', 'l2' or 'cosine' against the teacher's layer-normed hidden state
+lam_kd = 0.1  # weight of the KL term (objectives 'kd' and 'pause_kd'; the paper: 0.1)
+teacher = "gpt2"  # concept (and KD) teacher: a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
 sae = "openai"  # the SAE: a file, an https URL, or 'openai' (OpenAI's GPT-2 small SAE at sae_layer)
-sae_layer = 5  # the teacher block whose output the SAE reads (L_con)
+sae_layer = 5  # the teacher block whose output the SAE reads (L_con); objective='hidden' predicts that output
 label_source = "pre"  # attribution with 'pre' (the paper) or 'post' (the authors' release) activations
 label_sign = "literal"  # 'literal' (eq. 1 as written), 'abs' or 'neg'
 label_cache = ""  # a cache folder made by attribution.py; empty: label each batch online with the teacher
@@ -123,24 +130,31 @@ for s, n in n_windows.items():
         raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than "
                          f"block_size+1={block_size + 1}")
 
-# concept labels: online from the teacher and SAE, or from a cache made by attribution.py
-if objective not in ("ntp", "cocomix"):
-    raise SystemExit(f"error: objective must be 'ntp' or 'cocomix', not {objective!r}")
-if objective == "cocomix" and init_from not in ("scratch", "resume"):
+# what the objective needs beside the tokens: concept labels (online from the teacher and SAE, or from a
+# cache made by attribution.py), the teacher's hidden states, or its next-token logits
+OBJECTIVES = ("ntp", "cocomix", "kd", "pause", "pause_kd", "hidden")
+if objective not in OBJECTIVES:
+    raise SystemExit(f"error: objective must be one of {', '.join(OBJECTIVES)}, not {objective!r}")
+if objective != "ntp" and init_from not in ("scratch", "resume"):
     raise SystemExit("error: init_from a GPT-2 trains with objective='ntp' (GPT-2 has no concept mixer to start from)")
-labeler, label_caches = None, {}
-if objective == "cocomix":
-    try:
-        if label_cache:
-            expect = {k: config[k] for k in LABEL_SETTINGS}
-            label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
-        else:
-            labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, device,
-                                   meta["vocab_size"], block_size)
-            if labeler.sae.n_concepts != n_concepts:
-                raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: concept labels: {e}")
+distill = objective in ("kd", "pause_kd")
+teacher_model, labeler, label_caches = None, None, {}
+try:
+    if objective == "cocomix" and label_cache:
+        expect = {k: config[k] for k in LABEL_SETTINGS}
+        label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
+    elif objective == "cocomix":
+        labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
+                               meta["vocab_size"], block_size)
+        if labeler.sae.n_concepts != n_concepts:
+            raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
+    elif distill or objective == "hidden":
+        teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
+        if objective == "hidden" and not 0 <= sae_layer < teacher_model.config.n_layer:
+            raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of "
+                             f"{teacher_model.config.n_layer} blocks")
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"error: the teacher or the concept labels: {e}")
 
 
 @lru_cache(maxsize=2)
@@ -153,18 +167,24 @@ def to_device(t):
 
 
 def get_batch(split, window_ids):
-    """Tokens x, next tokens y and, for CoCoMix, concept labels (B, T, k_attr) of the windows."""
+    """Tokens x, next tokens y, and what the objective needs beside them as the model's keyword
+    arguments: concept labels (B, T, k_attr), the teacher's hidden states or its logits."""
     d = data[split]
     x = np.stack([d[i * block_size:(i + 1) * block_size] for i in window_ids]).astype(np.int64)
     y = np.stack([d[i * block_size + 1:(i + 1) * block_size + 1] for i in window_ids]).astype(np.int64)
     x, y = to_device(torch.from_numpy(x)), to_device(torch.from_numpy(y))
-    if objective == "ntp":
-        return x, y, None
     # a cache labels every position of a window, the last one too: its next token is the window's +1
     if label_caches:
-        return x, y, to_device(label_caches[split][window_ids])
+        return x, y, {"concept_labels": to_device(label_caches[split][window_ids])}
     with autocast:
-        return x, y, labeler(x, y)
+        if labeler is not None:
+            return x, y, {"concept_labels": labeler(x, y)}
+        with torch.no_grad():
+            if objective == "hidden":
+                return x, y, {"teacher_hidden": layer_norm(teacher_model.hidden(x, sae_layer))[0]}
+            if distill:
+                return x, y, {"teacher_logits": teacher_model(x).logits}
+    return x, y, {}
 
 
 def train_batch(step, micro_step):
@@ -182,15 +202,25 @@ model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=bloc
                   vocab_size=meta["vocab_size"], dropout=dropout)
 if objective == "cocomix":
     model_args.update({k: config[k] for k in CONCEPT_ARGS})
-# the settings a resumed run must share with its checkpoint
-resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", *CONCEPT_ARGS, "k_attr")
+elif objective == "hidden":
+    model_args.update(concept_layer=concept_layer, mixing=mixing, lam_concept=lam_concept,
+                      hidden_size=teacher_model.config.n_embd, hidden_loss=hidden_loss)
+elif objective in ("pause", "pause_kd"):
+    model_args.update(concept_layer=concept_layer, pause=True)
+if distill:
+    model_args["lam_kd"] = lam_kd
+# the settings a resumed run must share with its checkpoint (one from before a setting existed ran at its default)
+resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", *CONCEPT_ARGS, "k_attr",
+               "label_score", "hidden_loss", "lam_kd")
+old_defaults = {"label_score": "attribution", "hidden_loss": "l2", "lam_kd": 0.1}
 start_step, ckpt = 0, None
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
 elif init_from == "resume":
     try:
         ckpt = load_checkpoint(out_dir)
-        differ = {k: (ckpt["config"].get(k), config[k]) for k in resume_keys if ckpt["config"].get(k) != config[k]}
+        made = {**old_defaults, **ckpt["config"]}
+        differ = {k: (made.get(k), config[k]) for k in resume_keys if made.get(k) != config[k]}
         if differ:
             raise ValueError("the checkpoint in {} was made with other settings: {}".format(
                 out_dir, ", ".join(f"{k}={a!r} there, {b!r} here" for k, (a, b) in differ.items())))
@@ -255,16 +285,25 @@ def get_lr(step):
 METRICS = ["loss", "ntp_loss"]
 if objective == "cocomix":
     METRICS += ["concept_loss", "concept_top1", "concept_top_k_attr"]
+elif objective == "hidden":
+    METRICS += ["hidden_loss"]
+if distill:
+    METRICS += ["kd_loss"]
 
 
 @torch.no_grad()
-def metrics(out, labels):
-    """The METRICS of a forward pass, as one float64 tensor."""
+def metrics(out, aux):
+    """The METRICS of a forward pass with the extra inputs `aux`, as one float64 tensor."""
     values = [out.loss, out.ntp_loss]
-    if labels is not None:
+    if "concept_labels" in aux:
+        labels = aux["concept_labels"]
         top = out.concept_logits.topk(labels.size(-1), dim=-1).indices
         hits = (top[..., :, None] == labels[..., None, :]).any(-1).float()
         values += [out.concept_loss, hits[..., 0].mean(), hits.mean()]
+    elif objective == "hidden":
+        values.append(out.concept_loss)
+    if distill:
+        values.append(out.kd_loss)
     return torch.stack([v.detach().double() for v in values])
 
 
@@ -275,10 +314,10 @@ def estimate_val():
     ids = torch.linspace(0, n_windows["val"] - 1, eval_iters * batch_size).long().view(eval_iters, batch_size)
     sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for k in range(rank, eval_iters, world_size):
-        x, y, labels = get_batch("val", ids[k].tolist())
+        x, y, aux = get_batch("val", ids[k].tolist())
         with autocast:
-            out = model(x, y, labels)
-        sums += metrics(out, labels)
+            out = model(x, y, **aux)
+        sums += metrics(out, aux)
     model.train()
     if ddp:
         dist.all_reduce(sums)
@@ -350,14 +389,14 @@ while True:
     for group in optimizer.param_groups:
         group["lr"] = lr
     for micro_step in range(grad_accum):
-        x, y, labels = train_batch(step, micro_step)
+        x, y, aux = train_batch(step, micro_step)
         # DDP all-reduces the gradients once a step, at its last micro-step
         sync = not ddp or micro_step == grad_accum - 1
         with nullcontext() if sync else model.no_sync():
             with autocast:
-                out = model(x, y, labels)
+                out = model(x, y, **aux)
             scaler.scale(out.loss / grad_accum).backward()
-        sums += metrics(out, labels)
+        sums += metrics(out, aux)
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -380,6 +419,8 @@ while True:
             mfu_text = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             concept_text = (f" | concept {train['train_concept_loss']:.4f} top-{k_attr} "
                             f"{train['train_concept_top_k_attr']:.3f}" if objective == "cocomix" else "")
+            concept_text += f" | hidden {train['train_hidden_loss']:.4f}" if objective == "hidden" else ""
+            concept_text += f" | kd {train['train_kd_loss']:.4f}" if distill else ""
             print(f"step {step}/{max_iters} | loss {train['train_loss']:.4f}{concept_text} | lr {lr:.2e} | "
                   f"{tok_s:,.0f} tok/s{mfu_text} | {1000 * dt:.0f} ms/step")
             log({"step": step, "tokens": step * batch_tokens, **train, "lr": lr, "tok_per_s": tok_s, "mfu": mfu})

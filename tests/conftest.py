@@ -57,5 +57,6 @@ def concept_parts(char_data, tmp_path_factory):
 
 
 def cocomix_args(char_data, root, out, **kw):
-    return train_args(char_data, out, objective="cocomix", n_concepts=256, concept_topk=8, concept_layer=1,
-                      teacher=root / "teacher", sae=root / "sae" / "sae.pt", sae_layer=0, batch_size=8, **kw)
+    settings = dict(objective="cocomix", n_concepts=256, concept_topk=8, concept_layer=1, teacher=root / "teacher",
+                    sae=root / "sae" / "sae.pt", sae_layer=0, batch_size=8)
+    return train_args(char_data, out, **{**settings, **kw})

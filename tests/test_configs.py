@@ -72,3 +72,18 @@ def test_paper_pairs(size, params, lr, batch_tokens, concept_layer):
     assert ntp.get_num_params() == pytest.approx(params, rel=0.03)
     assert cocomix.get_num_params() == pytest.approx(params, rel=0.03)
     assert cocomix.get_num_params() == pytest.approx(ntp.get_num_params(), rel=0.03)
+
+
+@pytest.mark.parametrize("name, objective", [("kd_69m", "kd"), ("pause_69m", "pause"), ("pause_kd_69m", "pause_kd")])
+def test_the_69m_baselines_match_cocomix_69m(name, objective):
+    cfg = configure(train_defaults(), [os.path.join(ROOT, "config", f"{name}.py")])
+    ntp_cfg, ntp = paper_model("ntp_69m")
+    cocomix_cfg, cocomix = paper_model("cocomix_69m")
+    assert cfg["objective"] == objective and cfg["teacher"] == "gpt2"
+    assert cfg["lam_kd"] == 0.1 and cfg["concept_layer"] == cocomix_cfg["concept_layer"]
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "learning_rate", "batch_tokens", "max_iters")
+    assert {k: cfg[k] for k in keys} == {k: ntp_cfg[k] for k in keys}
+    with torch.device("meta"):
+        model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], vocab_size=50257,
+                              concept_layer=cfg["concept_layer"], pause=objective != "kd"))
+    assert model.get_num_params() == pytest.approx(cocomix.get_num_params(), rel=0.03)

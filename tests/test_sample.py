@@ -65,6 +65,9 @@ def test_steering_a_cocomix_model(cocomix_ckpt):
     predicted = {int(i) for i in re.findall(r"(\d+) \(z ", shown)}
     steer = ",".join(f"{i}=30" for i in sorted(predicted))  # turn up what the model predicts
     assert sample(cocomix_ckpt, "--steer", steer).stdout != sample(cocomix_ckpt).stdout
+    added = sample(cocomix_ckpt, "--temperature=0", "--steer", "3=0,200=0", "--steer_mode=add").stdout
+    assert added == plain  # adding 0: nothing moves
+    assert sample(cocomix_ckpt, "--temperature=0", "--steer", steer.replace("=30", "=20"), "--steer_mode=add").stdout != plain
     norms = run("sample.py", f"--out_dir={cocomix_ckpt}", "--concept_norms").stdout
     assert "compressor-weight norms of 256 concepts:" in norms and "below 1e-2" in norms
 
@@ -83,6 +86,7 @@ def test_steering_the_teachers_sae_latent(concept_parts):
     (["--steer", "3:2"], "--steer takes CONCEPT=SCALE pairs"),
     (["--steer", "x=2"], "--steer takes CONCEPT=SCALE pairs"),
     (["--sae_steer", "--steer", "3=2"], "--sae_steer steers a plain GPT"),
+    (["--steer", "3=2", "--steer_mode=shift"], "steer_mode must be one of scale, add"),
 ])
 def test_bad_steering(cocomix_ckpt, args, message):
     proc = sample(cocomix_ckpt, *args, check=False)
