@@ -9,13 +9,20 @@ The whole method on the built-in corpus, offline, in one command (11.5 minutes o
   teacher   a GPT trained with next-token prediction (train.py)
   sae       a TopK SAE on the teacher's middle block (train_sae.py)
   labels    the attribution labels of every train and val token (attribution.py)
-  students  per seed, an NTP baseline and a CoCoMix student with matched active parameters that see
-            the same tokens in the same order (train.py)
-  report    validation curves, sample efficiency, concept accuracy and steering: report.md, .json, .png
-            (report.py)
+  students  per seed, an NTP baseline, the paper's CoCoMix and each of `variants` (the paper's
+            baselines and ablations: VARIANTS below), with matched active parameters where the paper
+            matches them, all seeing the same tokens in the same order (train.py)
+  report    validation curves, sample efficiency, FLOPs, concept accuracy and steering of every row:
+            report.md, .json, .png (report.py)
 
-Each stage works in out_dir/<step> and records there (stage.json) the settings it ran with and
+Each step works in a folder of its own and records there (stage.json) the settings it ran with and
 whether it finished. Ctrl-C stops a stage anywhere; the rerun continues it from its last checkpoint.
+The students and their report live in out_dir/<students' shape and steps>/, e.g. 4x128-c2-300it/, so that
+studies of other shapes and budgets share the teacher, the SAE and the labels:
+
+    python pipeline.py --variants=all                                                   # the study
+    python pipeline.py --variants=all --student_n_layer=8 --student_n_embd=96 --concept_layer=3
+    python pipeline.py --variants=prediction_only,residual_slot --student_iters=900
 """
 
 import hashlib
@@ -50,19 +57,38 @@ n_concepts = 512  # SAE latents = concepts
 sae_k = 16  # active SAE latents per token
 sae_iters = 300  # SAE steps, 16 x block_size activations each
 k_attr = 4  # concept labels per position
-concept_layer = 2  # students predict and mix concepts before this block
+concept_layer = 2  # students predict and mix concepts (or pause) before this block
+student_n_layer = 0  # blocks of every student (0: n_layer, the teacher's)
+student_n_embd = 0  # width of the CoCoMix student (0: n_embd); NTP's, KD's and pause's match its active parameters
+variants = "prediction_only,residual_slot"  # rows beside NTP and CoCoMix: names from VARIANTS, or 'all' (the study)
 concept_topk = 16  # concepts compressed into the continuous concept
 lam_concept = 0.1  # weight of the concept loss
 student_iters = 300  # steps of each student
-seeds = 3  # seeds 1..seeds, each trains one NTP and one CoCoMix student
+seeds = 3  # seeds 1..seeds, each trains one student of every row
 eval_interval = 30  # steps between validation losses (the report's curves) and checkpoints
 eval_iters = 10  # validation batches per evaluation
 steer_samples = 16  # generations per steering condition
 steer_tokens = 100  # tokens per generation
-steer_scales = "5,10"  # concept-logit scales compared with no steering
+steer_scales = "5,10"  # concept-logit scales compared with no steering (paper §3.2)
+steer_adds = "10"  # concept-logit additions compared with no steering (they can lift a negative logit)
 
 STAGES = ("prepare", "teacher", "sae", "labels", "students", "report")
 VAL_FRACTION = 0.05
+# The rows beside NTP and the paper's CoCoMix: its baselines (§3, App. A) and ablations (Fig. 6), and one
+# variant beyond the paper. Each is a train.py run: the CoCoMix student's settings or NTP's, changed so.
+VARIANTS = {
+    "kd": "knowledge distillation: NTP + 0.1 KL(teacher || student), NTP's width (§3)",
+    "pause": "a learned pause vector interleaved in place of c_hat, NTP's width (Fig. 6f)",
+    "pause_kd": "pause + KD (Fig. 6f)",
+    "activation": "CoCoMix with labels by SAE activation instead of attribution (Fig. 6a)",
+    "hidden_l1": "a 2-layer MLP predicts the teacher's hidden state, L1 loss, mixed like c_hat (Fig. 6b)",
+    "hidden_l2": "the same with the L2 loss (Fig. 6b)",
+    "hidden_cosine": "the same with the cosine distance (Fig. 6b)",
+    "insertion_only": "CoCoMix with lam_concept = 0: concepts interleaved, not learned (Fig. 6d)",
+    "prediction_only": "CoCoMix's concept loss, nothing mixed in: mixing='none' (Fig. 6d)",
+    "intervention": "h + c_hat instead of interleaving: mixing='add' (Fig. 6e)",
+    "residual_slot": "not the paper: interleaved, the slot holds h_t + c_hat_t instead of c_hat_t",
+}
 
 
 def tool(script, *args, **settings):
@@ -82,14 +108,30 @@ def exists(*paths):
     return lambda: all(os.path.exists(p) for p in paths)
 
 
+def student_shape(cfg):
+    """(blocks, width) of the CoCoMix student."""
+    return cfg.student_n_layer or cfg.n_layer, cfg.student_n_embd or cfg.n_embd
+
+
+def students_folder(cfg):
+    """Where the students of these settings and their report live: their shape, concept layer and steps."""
+    n_layer, n_embd = student_shape(cfg)
+    return os.path.join(cfg.out_dir, f"{n_layer}x{n_embd}-c{cfg.concept_layer}-{cfg.student_iters}it")
+
+
+def chosen_variants(cfg):
+    return list(VARIANTS) if cfg.variants == "all" else [v for v in cfg.variants.split(",") if v]
+
+
 def ntp_width(cfg, vocab_size):
     """The NTP baseline's width: the multiple of n_head whose active parameters come closest to the
     CoCoMix student's, which has the concept predictor (n_embd x n_concepts) on top."""
     from model import GPT, GPTConfig
-    shape = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.block_size, vocab_size=vocab_size)
-    target = GPT(GPTConfig(**shape, n_embd=cfg.n_embd, n_concepts=cfg.n_concepts, concept_topk=cfg.concept_topk,
+    n_layer, n_embd = student_shape(cfg)
+    shape = dict(n_layer=n_layer, n_head=cfg.n_head, block_size=cfg.block_size, vocab_size=vocab_size)
+    target = GPT(GPTConfig(**shape, n_embd=n_embd, n_concepts=cfg.n_concepts, concept_topk=cfg.concept_topk,
                            concept_layer=cfg.concept_layer)).get_num_params()
-    widths = range(cfg.n_embd, 2 * cfg.n_embd + 1, cfg.n_head)
+    widths = range(n_embd, 2 * n_embd + 1, cfg.n_head)
     counts = {w: GPT(GPTConfig(**shape, n_embd=w)).get_num_params() for w in widths}
     width = min(counts, key=lambda w: abs(counts[w] - target))
     if abs(counts[width] - target) > 0.03 * target:
@@ -155,7 +197,7 @@ def make_steps(cfg):
     corpus = topics.source(cfg.corpus_chars, cfg.corpus_seed, VAL_FRACTION)
     shape = settings("n_layer", "n_head", "n_embd", "block_size", "batch_size", "batch_tokens", "learning_rate")
     # what every train.py run shares
-    train = dict(n_layer=cfg.n_layer, n_head=cfg.n_head, block_size=cfg.block_size, data_dir=cfg.data_dir,
+    train = dict(n_head=cfg.n_head, block_size=cfg.block_size, data_dir=cfg.data_dir,
                  batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, learning_rate=cfg.learning_rate,
                  eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=25, compile=False)
 
@@ -171,7 +213,8 @@ def make_steps(cfg):
 
     teacher = Step("teacher", "teacher", teacher_dir, [prepare], {**shape, **settings("teacher_iters")},
                    outputs=exists(os.path.join(teacher_dir, "ckpt.pt")), run=lambda folder: tool(
-                       "train.py", out_dir=folder, init_from=resume_from(folder), **train, n_embd=cfg.n_embd,
+                       "train.py", out_dir=folder, init_from=resume_from(folder), **train, n_layer=cfg.n_layer,
+                       n_embd=cfg.n_embd,
                        max_iters=cfg.teacher_iters, seed=0))
 
     sae = Step("sae", "sae", out("sae"), [teacher], settings("sae_layer", "n_concepts", "sae_k", "sae_iters"),
@@ -180,46 +223,80 @@ def make_steps(cfg):
                    init_from=resume_from(folder), n_concepts=cfg.n_concepts, sae_k=cfg.sae_k, k_aux=cfg.n_embd // 2,
                    block_size=cfg.block_size, batch_size=16, max_iters=cfg.sae_iters, eval_interval=100))
 
-    label_files = [os.path.join(labels_dir, f"{s}.{e}") for s in ("train", "val") for e in ("bin", "json")]
-    labels = Step("labels", "labels", labels_dir, [sae], settings("k_attr"), outputs=exists(*label_files),
-                  run=lambda folder: tool(
-                      "attribution.py", data_dir=cfg.data_dir, split="both", teacher=teacher_dir, sae=sae_file,
-                      sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
-                      label_cache=folder))
+    def labels_step(name, folder, label_score):
+        files = [os.path.join(folder, f"{s}.{e}") for s in ("train", "val") for e in ("bin", "json")]
+        return Step(name, "labels", folder, [sae], {**settings("k_attr"), "label_score": label_score},
+                    outputs=exists(*files), run=lambda folder: tool(
+                        "attribution.py", data_dir=cfg.data_dir, split="both", teacher=teacher_dir, sae=sae_file,
+                        sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
+                        label_score=label_score, label_cache=folder))
+
+    labels = labels_step("labels", labels_dir, "attribution")
+    variants = chosen_variants(cfg)
+    # the ablation of Fig. 6a reads labels of its own
+    activation_labels = labels_step("labels-activation", out("labels-activation"), "activation")
+    label_steps = [labels] + ([activation_labels] if "activation" in variants else [])
+
+    n_layer, n_embd = student_shape(cfg)
+    runs = students_folder(cfg)
 
     def student(seed, model):
         """A student's train.py run: the shared settings, then `model()`'s, asked for when it runs."""
         return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
-                                   max_iters=cfg.student_iters, seed=seed)
+                                   n_layer=n_layer, max_iters=cfg.student_iters, seed=seed)
 
     # the NTP baseline's width matches the active parameters once the corpus' vocabulary is known
     def ntp():
         return dict(n_embd=ntp_width(cfg, load_meta(cfg.data_dir)["vocab_size"]))
 
-    def cocomix():
-        return dict(objective="cocomix", n_embd=cfg.n_embd, teacher=teacher_dir, sae=sae_file, sae_layer=cfg.sae_layer,
-                    n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir,
-                    concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept)
+    def cocomix(**change):
+        return {**dict(objective="cocomix", n_embd=n_embd, teacher=teacher_dir, sae=sae_file, sae_layer=cfg.sae_layer,
+                       n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir,
+                       concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept),
+                **change}
 
-    # NTP's width follows n_concepts and concept_topk, nothing else of CoCoMix's
+    # each row: (what its run changes, the train.py settings, the steps whose output it reads, which of the
+    # concept settings it reads)
+    concept_keys, pause_keys = ("concept_layer", "lam_concept"), ("concept_layer",)
+    rows = {
+        "ntp": ({}, ntp, [prepare], ()),
+        "cocomix": ({}, cocomix, [labels], concept_keys),
+        "kd": ({"objective": "kd"}, lambda: {**ntp(), "objective": "kd", "teacher": teacher_dir}, [teacher], ()),
+        "pause": ({"objective": "pause"}, lambda: {**ntp(), "objective": "pause", "concept_layer": cfg.concept_layer},
+                  [prepare], pause_keys),
+        "pause_kd": ({"objective": "pause_kd"}, lambda: {**ntp(), "objective": "pause_kd", "teacher": teacher_dir,
+                                                         "concept_layer": cfg.concept_layer}, [teacher], pause_keys),
+        "activation": ({"label_score": "activation"}, lambda: cocomix(
+            label_score="activation", label_cache=activation_labels.folder), [activation_labels], concept_keys),
+        "insertion_only": ({"lam_concept": 0.0}, lambda: cocomix(lam_concept=0.0), [labels], pause_keys),
+        "prediction_only": ({"mixing": "none"}, lambda: cocomix(mixing="none"), [labels], concept_keys),
+        "intervention": ({"mixing": "add"}, lambda: cocomix(mixing="add"), [labels], concept_keys),
+        "residual_slot": ({"mixing": "residual_slot"}, lambda: cocomix(mixing="residual_slot"), [labels],
+                          concept_keys),
+    }
+    for loss in ("l1", "l2", "cosine"):
+        rows[f"hidden_{loss}"] = ({"objective": "hidden", "hidden_loss": loss}, lambda loss=loss: dict(
+            objective="hidden", hidden_loss=loss, n_embd=n_embd, teacher=teacher_dir, sae_layer=cfg.sae_layer,
+            concept_layer=cfg.concept_layer, lam_concept=cfg.lam_concept), [teacher], concept_keys)
+
+    # NTP's width follows the students' shape, n_concepts and concept_topk
     student_settings = {**shape, **settings("student_iters", "eval_interval", "eval_iters", "n_concepts",
-                                            "concept_topk")}
+                                            "concept_topk", "student_n_layer", "student_n_embd")}
     students = []
     for seed in range(1, cfg.seeds + 1):
-        name = f"ntp-{seed}"
-        students.append(Step(name, "students", out(name), [prepare], {**student_settings, "seed": seed},
-                             outputs=exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl")), run=student(seed, ntp)))
-        name = f"cocomix-{seed}"
-        cocomix_settings = {**student_settings, **settings("concept_layer", "lam_concept"), "seed": seed}
-        students.append(Step(name, "students", out(name), [labels], cocomix_settings,
-                             outputs=exists(out(name, "ckpt.pt"), out(name, "metrics.jsonl")),
-                             run=student(seed, cocomix)))
+        for name in ["ntp", "cocomix", *variants]:
+            change, model, needs, keys = rows[name]
+            step_settings = {**student_settings, **settings(*keys), **change, "seed": seed}
+            folder = os.path.join(runs, f"{name}-{seed}")
+            students.append(Step(f"{name}-{seed}", "students", folder, needs, step_settings,
+                                 outputs=exists(os.path.join(folder, "ckpt.pt"), os.path.join(folder, "metrics.jsonl")),
+                                 run=student(seed, model)))
 
-    before_report = [prepare, teacher, sae, labels, *students]
-    report_step = Step("report", "report", out("report"), [teacher, sae, labels, *students],
-                       settings("steer_samples", "steer_tokens", "steer_scales"),
-                       outputs=exists(*report.paths(cfg.out_dir).values()), run=lambda folder: report.write_report(
-                           cfg, {s.name: s.record()["seconds"] for s in before_report}))
+    before_report = [prepare, teacher, sae, *label_steps, *students]
+    report_step = Step("report", "report", os.path.join(runs, "report"), [teacher, sae, *label_steps, *students],
+                       settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds"),
+                       outputs=exists(*report.paths(runs).values()), run=lambda folder: report.write_report(
+                           cfg, runs, {s.name: s.record()["seconds"] for s in before_report}))
     return [*before_report, report_step]
 
 
@@ -229,11 +306,15 @@ def main():
     cfg = SimpleNamespace(**configure(globals()))
     if cfg.stage not in ("all", *STAGES):
         raise SystemExit(f"error: stage must be 'all' or one of {', '.join(STAGES)}, not {cfg.stage!r}")
-    try:
-        [float(x) for x in cfg.steer_scales.split(",")]
-    except ValueError:
-        raise SystemExit(f"error: steer_scales must be numbers separated by commas, e.g. '5,10', "
-                         f"not {cfg.steer_scales!r}")
+    for key in ("steer_scales", "steer_adds"):
+        try:
+            [float(x) for x in getattr(cfg, key).split(",")]
+        except ValueError:
+            raise SystemExit(f"error: {key} must be numbers separated by commas, e.g. '5,10', "
+                             f"not {getattr(cfg, key)!r}")
+    unknown = [v for v in chosen_variants(cfg) if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"error: unknown variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, or 'all'")
     if cfg.seeds < 1 or cfg.n_embd % cfg.n_head:
         raise SystemExit(f"error: seeds must be at least 1 (got {cfg.seeds}) and n_embd a multiple of n_head "
                          f"(got {cfg.n_embd} and {cfg.n_head})")

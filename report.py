@@ -52,51 +52,74 @@ def mean_std(values):
 
 
 def model_shape(folder):
-    """(width, active parameters) of the model a train.py run saved, counted without its weights."""
+    """(width, active parameters, training FLOPs per token) of the model a train.py run saved, counted
+    without its weights."""
     args = load_checkpoint(folder)["model_args"]
     with torch.device("meta"):
-        return args["n_embd"], GPT(GPTConfig(**args)).get_num_params()
+        model = GPT(GPTConfig(**args))
+    return args["n_embd"], model.get_num_params(), model.flops_per_token()
 
 
-def training(cfg):
-    """The students' validation curves and what they say, with the teacher's and the SAE's figures."""
-    def out(*parts):
-        return os.path.join(cfg.out_dir, *parts)
+def compare(row, ntp):
+    """'better' or 'worse' than NTP when the means differ by more than the two spreads together, else
+    'no difference'."""
+    (m, s), (m0, s0) = row, ntp
+    return "no difference" if abs(m - m0) <= s + s0 else "better" if m < m0 else "worse"
+
+
+def training(cfg, runs):
+    """Every row's validation curves over the seeds and what they say, with the teacher's and the SAE's
+    figures. Rows: NTP, the paper's CoCoMix, then the chosen variants (pipeline.VARIANTS)."""
+    from pipeline import chosen_variants
 
     seeds = range(1, cfg.seeds + 1)
-    curves = {obj: [val_curve(out(f"{obj}-{s}")) for s in seeds] for obj in ("ntp", "cocomix")}
+    names = ["ntp", "cocomix", *chosen_variants(cfg)]
+    curves = {n: [val_curve(os.path.join(runs, f"{n}-{s}")) for s in seeds] for n in names}
     tokens = curves["ntp"][0][0]
-    for obj, runs in curves.items():
-        if any(len(t) != len(tokens) or (t != tokens).any() for t, _ in runs):
-            raise SystemExit(f"error: the {obj} runs were validated at other token counts: "
+    for name, rows in curves.items():
+        if any(len(t) != len(tokens) or (t != tokens).any() for t, _ in rows):
+            raise SystemExit(f"error: the {name} runs were validated at other token counts: "
                              f"rerun `python pipeline.py --stage=students`")
     # (seeds, evaluations)
-    losses = {obj: np.stack([l for _, l in runs]) for obj, runs in curves.items()}
-    final = {obj: mean_std(l[:, -1]) for obj, l in losses.items()}
-    reach = tokens_to_reach(tokens, losses["cocomix"].mean(0), final["ntp"][0])
-    width, ntp_params = model_shape(out("ntp-1"))
-    sae_metrics = read_metrics(out("sae"))[-1]
+    losses = {n: np.stack([l for _, l in rows]) for n, rows in curves.items()}
+    final = {n: mean_std(l[:, -1]) for n, l in losses.items()}
+    reach = {n: tokens_to_reach(tokens, l.mean(0), final["ntp"][0]) for n, l in losses.items()}
+    shapes = {n: model_shape(os.path.join(runs, f"{n}-1")) for n in names}
+    accuracy = {}
+    for n in names:
+        runs_acc = [val_curve(os.path.join(runs, f"{n}-{s}"), "val_concept_top_k_attr")[1] for s in seeds]
+        if all(len(a) for a in runs_acc):
+            accuracy[n] = mean_std([a[-1] for a in runs_acc])
+    teacher = model_shape(os.path.join(cfg.out_dir, "teacher"))
+    sae_metrics = read_metrics(os.path.join(cfg.out_dir, "sae"))[-1]
     return {
-        "ntp_width": width, "active_params": {"ntp": ntp_params, "cocomix": model_shape(out("cocomix-1"))[1]},
-        "tokens": tokens.tolist(), "val_ntp_loss": {obj: l.tolist() for obj, l in losses.items()},
-        "final_val_ntp_loss": final, "teacher_val_loss": val_curve(out("teacher"))[1][-1],
-        "cocomix_tokens_to_reach_ntp_final": reach,
-        "cocomix_tokens_to_reach_ntp_final_pct": None if reach is None else 100 * reach / tokens[-1],
-        "concept_top_k_attr": mean_std([val_curve(out(f"cocomix-{s}"), "val_concept_top_k_attr")[1][-1]
-                                        for s in seeds]),
+        "rows": names, "ntp_width": shapes["ntp"][0], "width": {n: w for n, (w, _, _) in shapes.items()},
+        "active_params": {n: p for n, (_, p, _) in shapes.items()},
+        "flops_per_token": {n: f for n, (_, _, f) in shapes.items()},
+        # a teacher's forward pass per training token (KD, hidden-state prediction): a third of its training FLOPs
+        "teacher_forward_flops_per_token": teacher[2] / 3,
+        "tokens": tokens.tolist(), "val_ntp_loss": {n: l.tolist() for n, l in losses.items()},
+        "final_val_ntp_loss": final, "against_ntp": {n: compare(final[n], final["ntp"]) for n in names},
+        "teacher_val_loss": val_curve(os.path.join(cfg.out_dir, "teacher"))[1][-1],
+        "tokens_to_reach_ntp_final": reach,
+        "cocomix_tokens_to_reach_ntp_final": reach["cocomix"],
+        "cocomix_tokens_to_reach_ntp_final_pct": None if reach["cocomix"] is None else
+        100 * reach["cocomix"] / tokens[-1],
+        "concept_top_k_attr": accuracy,
         "concept_top_k_attr_chance": cfg.k_attr / cfg.n_concepts,
         "sae": {k: sae_metrics[k] for k in ("val_nmse", "val_fve", "dead_frac")},
     }
 
 
-def steering(cfg, device, autocast):
-    """Paper §3.2 on the first seed's CoCoMix student: for each planted topic the concept whose logit
+def steering(cfg, folder, device, autocast, detail):
+    """Paper §3.2 on one seed's student with concepts: for each planted topic the concept whose logit
     correlates most with it (and the teacher's SAE latent that does), and the share of the topic's
-    words in samples with that concept scaled by each of steer_scales, against no steering."""
+    words in samples with that concept scaled by each of steer_scales, or raised by each of steer_adds,
+    against no steering. `detail`: also the samples and the per-topic table."""
     from tqdm import tqdm
 
     meta = load_meta(cfg.data_dir)
-    ckpt = load_checkpoint(os.path.join(cfg.out_dir, "cocomix-1"))
+    ckpt = load_checkpoint(folder)
     model, tok = GPT.from_checkpoint(ckpt).to(device).eval(), Tokenizer(ckpt["meta"])
     del ckpt
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
@@ -113,71 +136,102 @@ def steering(cfg, device, autocast):
     prompts = topics.prompts(names, cfg.steer_samples)
     x = torch.tensor([tok.encode(p) for p in prompts], device=device)
     positions = int((val_topic[:len(val) // block_size * block_size] != topics.NO_TOPIC).sum())
-    scales = [float(s) for s in cfg.steer_scales.split(",")]
+    # (mode, amount, column name)
+    scales = [("scale", float(v), f"steer_x{float(v):g}") for v in cfg.steer_scales.split(",")]
+    settings = scales + [("add", float(v), f"steer_plus{float(v):g}") for v in cfg.steer_adds.split(",")]
 
     # the same sampling noise in every condition
-    def generate(steer):
+    def generate(concept, mode, amount):
         torch.manual_seed(0)
         with torch.no_grad(), autocast:
-            y = model.generate(x, cfg.steer_tokens, temperature=1.0, steer=steer)
+            y = model.generate(x, cfg.steer_tokens, temperature=1.0, steer={concept: amount} if mode else None,
+                               steer_mode=mode or "scale")
         return [tok.decode(row) for row in y[:, x.size(1):].tolist()]
 
-    conditions = [(None, None)] + [(c, s) for c, _ in tied if c is not None for s in scales]
-    texts = {cond: generate({cond[0]: cond[1]} if cond[0] is not None else None)
-             for cond in tqdm(conditions, desc="steering", unit="condition")}
+    conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in settings]
+    texts = {cond: generate(*cond) for cond in tqdm(conditions, desc=f"steering {os.path.basename(folder)}",
+                                                    unit="condition")}
     corpus_words = topics.words(tok.decode(val.tolist()))
     rows = []
     for (name, topic_words), (concept, corr), (latent, latent_corr) in zip(meta["topics"].items(), tied, in_sae):
         topic_words = set(topic_words)
-        steered = {f"rate_steer_{s:g}": topics.topic_rate(texts[(concept, s)], topic_words)
-                   if concept is not None else None for s in scales}
+        steered = {column: topics.topic_rate(texts[(concept, mode, v)], topic_words) if concept is not None else None
+                   for mode, v, column in settings}
         rows.append({"topic": name, "sae_latent": latent, "sae_correlation": latent_corr, "concept": concept,
                      "correlation": corr,
                      "corpus_rate": sum(w in topic_words for w in corpus_words) / len(corpus_words),
-                     "rate": topics.topic_rate(texts[(None, None)], topic_words), **steered})
-    best = max((row for row in rows if row["concept"] is not None),
-               key=lambda row: row[f"rate_steer_{scales[-1]:g}"] - row["rate"])
-    example = {"topic": best["topic"], "plain": texts[(None, None)][0],
-               "steered": texts[(best["concept"], scales[-1])][0]}
-    return {"steering": rows, "steering_example": example, "steering_prompts": prompts,
-            "correlation_noise": 3 / positions ** 0.5}
+                     "rate": topics.topic_rate(texts[(None, None, None)], topic_words), **steered})
+    # the steering effect: the topic's rate gained, mean over the topics with a concept, per condition
+    found = [row for row in rows if row["concept"] is not None]
+    effect = {column: float(np.mean([row[column] - row["rate"] for row in found])) if found else None
+              for _, _, column in settings}
+    if not detail:
+        return {"steering_effect": effect}
+    strongest = scales[-1]
+    best = max(found, key=lambda row: row[strongest[2]] - row["rate"])
+    example = {"topic": best["topic"], "plain": texts[(None, None, None)][0],
+               "steered": texts[(best["concept"], strongest[0], strongest[1])][0]}
+    return {"steering": rows, "steering_effect": effect, "steering_example": example, "steering_prompts": prompts,
+            "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in settings]}
 
 
 def plot(path, r, seeds):
-    """Validation NTP loss against training tokens, mean ± std over the seeds."""
+    """Validation NTP loss against training tokens and the final loss of every row, mean ± std over the seeds."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tokens, params = np.array(r["tokens"]), r["active_params"]
-    losses = {obj: np.array(l) for obj, l in r["val_ntp_loss"].items()}
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=100)
-    for obj, label in (("ntp", "NTP"), ("cocomix", "CoCoMix")):
-        m, s = losses[obj].mean(0), losses[obj].std(0)
-        ax.plot(tokens / 1e3, m, label=f"{label} ({params[obj] / 1e6:.2f}M)")
-        ax.fill_between(tokens / 1e3, m - s, m + s, alpha=0.25)
-    ax.axhline(r["final_val_ntp_loss"]["ntp"][0], color="gray", lw=0.8, ls="--")
+    tokens, params, names = np.array(r["tokens"]), r["active_params"], r["rows"]
+    losses = {n: np.array(l) for n, l in r["val_ntp_loss"].items()}
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.8), dpi=100, gridspec_kw={"width_ratios": [3, 2]})
+    colors = {n: c for n, c in zip(names, plt.cm.tab20.colors)}
+    for n in names:
+        m, s = losses[n].mean(0), losses[n].std(0)
+        ax.plot(tokens / 1e3, m, label=f"{LABELS.get(n, n)} ({params[n] / 1e6:.2f}M)", color=colors[n],
+                lw=2 if n in ("ntp", "cocomix") else 1)
+        ax.fill_between(tokens / 1e3, m - s, m + s, alpha=0.15, color=colors[n])
+    ntp_final = r["final_val_ntp_loss"]["ntp"][0]
+    ax.axhline(ntp_final, color="gray", lw=0.8, ls="--")
     # the top of the plot: the highest loss after the first evaluation, which is far above the rest
     top = max(float(l[:, min(1, l.shape[1] - 1)].max()) for l in losses.values()) + 0.1
     ax.set(xlabel="training tokens (thousands)", ylabel="validation NTP loss (nats/token)",
            title=f"built-in corpus, mean ± std over {seeds} seeds", ylim=(None, top))
-    ax.legend()
+    ax.legend(fontsize=7)
+    final = [r["final_val_ntp_loss"][n] for n in names]
+    bars.barh(range(len(names)), [m for m, _ in final], xerr=[s for _, s in final], color=[colors[n] for n in names])
+    bars.axvline(ntp_final, color="gray", lw=0.8, ls="--")
+    bars.set_yticks(range(len(names)), [LABELS.get(n, n) for n in names], fontsize=8)
+    bars.invert_yaxis()
+    low = min(m - s for m, s in final)
+    bars.set(xlabel="final validation NTP loss", title="lower is better", xlim=(low - 0.1, None))
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
 
 
-def write_report(cfg, stage_seconds):
-    """Measures, plots and writes the report; `stage_seconds` are the times of the stages before it."""
+LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
+
+
+def write_report(cfg, runs, stage_seconds):
+    """Measures, plots and writes the report of the students in `runs`; `stage_seconds` are the times of
+    the stages before it."""
     t0 = time.time()
     device, _, autocast = device_and_autocast()
-    r = {"settings": vars(cfg), **training(cfg), **steering(cfg, device, autocast)}
-    plot(paths(cfg.out_dir)["png"], r, cfg.seeds)
+    r = {"settings": vars(cfg), **training(cfg, runs)}
+    r.update(steering(cfg, os.path.join(runs, "cocomix-1"), device, autocast, detail=True))
+    # the steering effect of every other row whose concepts reach the stream
+    r["steering_effect"] = {"cocomix": r["steering_effect"]}
+    for n in r["rows"][2:]:
+        args = load_checkpoint(os.path.join(runs, f"{n}-1"))["model_args"]
+        if args.get("n_concepts") and args.get("mixing") != "none":
+            r["steering_effect"][n] = steering(cfg, os.path.join(runs, f"{n}-1"), device, autocast,
+                                               detail=False)["steering_effect"]
+    plot(paths(runs)["png"], r, cfg.seeds)
     times = {**stage_seconds, "report": time.time() - t0}
     r.update(machine=machine(device), stage_seconds_total=sum(times.values()), stage_seconds=times)
-    write_text(paths(cfg.out_dir)["json"], json.dumps(r, indent=1))
-    write_text(paths(cfg.out_dir)["md"], markdown(r))
+    write_text(paths(runs)["json"], json.dumps(r, indent=1))
+    write_text(paths(runs)["md"], markdown(r))
     print(markdown(r))
 
 
@@ -205,7 +259,8 @@ def duration(seconds):
 
 def markdown(r):
     s = r["settings"]
-    (ntp, ntp_sd), (coco, coco_sd) = r["final_val_ntp_loss"]["ntp"], r["final_val_ntp_loss"]["cocomix"]
+    final, names = r["final_val_ntp_loss"], r["rows"]
+    (ntp, ntp_sd), (coco, coco_sd) = final["ntp"], final["cocomix"]
     total, reach = r["tokens"][-1], r["cocomix_tokens_to_reach_ntp_final"]
     reach_pct = r["cocomix_tokens_to_reach_ntp_final_pct"]
     reach_text = "not reached" if reach is None else f"{reach:,.0f} ({reach_pct:.1f}%)"
@@ -217,8 +272,11 @@ def markdown(r):
                    f"{ntp:.4f}" + (f", and it reached NTP's final loss only after {reach_pct:.1f}% of the tokens."
                                    if reach is not None else "."))
     sae = r["sae"]
-    acc, acc_sd = r["concept_top_k_attr"]
-    scales = [f"{float(x):g}" for x in s["steer_scales"].split(",")]
+    acc, acc_sd = r["concept_top_k_attr"]["cocomix"]
+    chance = pct(r["concept_top_k_attr_chance"])
+    columns = r["steering_columns"]
+    titles = [c.replace("steer_x", "steer ×").replace("steer_plus", "steer +") for c in columns]
+    n_layer, width = s["student_n_layer"] or s["n_layer"], s["student_n_embd"] or s["n_embd"]
     lines = [
         "# CoCoMix against NTP on the built-in corpus",
         "",
@@ -227,53 +285,83 @@ def markdown(r):
         "| | NTP | CoCoMix |",
         "|---|---|---|",
         f"| active parameters | {r['active_params']['ntp']:,} (width {r['ntp_width']}) | "
-        f"{r['active_params']['cocomix']:,} (width {s['n_embd']}, {s['n_concepts']} concepts) |",
+        f"{r['active_params']['cocomix']:,} (width {width}, {s['n_concepts']} concepts) |",
         f"| training tokens per seed, same order | {total:,} | {total:,} |",
         f"| final validation NTP loss (nats/token), mean ± std over {s['seeds']} seeds | {ntp:.4f} ± {ntp_sd:.4f} | "
         f"{coco:.4f} ± {coco_sd:.4f} |",
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
-        f"| concept top-{s['k_attr']} accuracy, validation (chance {pct(r['concept_top_k_attr_chance'])}) | – | "
-        f"{pct(acc)} ± {pct(acc_sd)} |",
+        f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
         "",
         f"Teacher ({s['n_layer']} blocks of width {s['n_embd']}, {s['teacher_iters'] * s['batch_tokens']:,} tokens): "
         f"validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} ({s['n_concepts']} latents, "
         f"k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained {pct(sae['val_fve'])}), "
-        f"dead latents {pct(sae['dead_frac'])}. Students mix concepts before block {s['concept_layer']}.",
+        f"dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed before block "
+        f"{s['concept_layer']}.",
         "",
-        "![validation NTP loss against training tokens](report.png)",
+        "![validation NTP loss against training tokens, and every row's final loss](report.png)",
+        "",
+        "## Every row: the paper's baselines and ablations (its Fig. 6 in miniature)",
+        "",
+        f"The same tokens in the same order for every row, {s['seeds']} seeds each. Against NTP: *better* or *worse* "
+        f"when the means differ by more than the two standard deviations together, else *no difference*. FLOPs: "
+        f"the student's training FLOPs per token; KD and hidden-state prediction also run the teacher forward on "
+        f"every training token ({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's "
+        f"training FLOPs for a full pass), CoCoMix's labels were made once per corpus token and cached. Steering: "
+        f"the topic-word rate gained, mean over the topics, with the topic's concept steered (seed 1).",
+        "",
+        "| row | what it is | active parameters | FLOPs/token ÷ NTP | final validation NTP loss | against NTP | "
+        f"tokens to reach NTP's final | concept top-{s['k_attr']} accuracy | steering effect "
+        f"({', '.join(titles)}) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    from pipeline import VARIANTS
+    what = {"ntp": "next-token prediction, width matched to CoCoMix's active parameters",
+            "cocomix": "the paper's method", **VARIANTS}
+    for n in names:
+        m, sd = final[n]
+        reach_n = r["tokens_to_reach_ntp_final"][n]
+        acc_n = r["concept_top_k_attr"].get(n)
+        effect = r["steering_effect"].get(n)
+        lines.append(
+            f"| {LABELS.get(n, n)} | {what[n]} | {r['active_params'][n]:,} | "
+            f"{r['flops_per_token'][n] / r['flops_per_token']['ntp']:.2f} | {m:.4f} ± {sd:.4f} | {r['against_ntp'][n]} | "
+            + ("not reached" if reach_n is None else f"{100 * reach_n / total:.0f}%") + " | "
+            + ("–" if acc_n is None else f"{pct(acc_n[0])} ± {pct(acc_n[1])}") + " | "
+            + ("–" if effect is None else ", ".join(f"{100 * effect[c]:+.1f} pts" for c in columns)) + " |")
+    lines += [
         "",
         "## Steering",
         "",
         f"The seed-1 CoCoMix student. For each planted topic, the concept whose predicted logit correlates most "
         f"with the topic over validation paragraphs (and, for comparison, the teacher's SAE latent whose "
-        f"pre-activation does); the concept's logit is scaled at every position. {s['steer_samples']} samples of "
-        f"{s['steer_tokens']} tokens after neutral prompts `{r['steering_prompts'][0].strip()}` with "
-        f"{len(set(r['steering_prompts']))} different names, the same sampling noise in every column; the rate is "
-        f"the share of generated words that are the topic's (corpus: its share of all validation words). "
-        f"Correlations below {r['correlation_noise']:.3f} (3/√positions) are indistinguishable from noise.",
+        f"pre-activation does); the concept's logit is scaled (×, the paper) or raised (+) at every position. "
+        f"{s['steer_samples']} samples of {s['steer_tokens']} tokens after neutral prompts "
+        f"`{r['steering_prompts'][0].strip()}` with {len(set(r['steering_prompts']))} different names, the same "
+        f"sampling noise in every column; the rate is the share of generated words that are the topic's (corpus: its "
+        f"share of all validation words). Correlations below {r['correlation_noise']:.3f} (3/√positions) are "
+        f"indistinguishable from noise.",
         "",
         "| topic | teacher's SAE: latent (correlation) | student: concept (correlation) | corpus | no steering | "
-        + " | ".join(f"steer ×{x}" for x in scales) + " |",
-        "|---|---|---|---|---|" + "---|" * len(scales),
+        + " | ".join(titles) + " |",
+        "|---|---|---|---|---|" + "---|" * len(columns),
     ]
     for row in r["steering"]:
         if row["concept"] is None:
-            lines.append(f"| {row['topic']} | absent from the validation text | | | " + " | " * len(scales))
+            lines.append(f"| {row['topic']} | absent from the validation text | | | " + " | " * len(columns))
             continue
         lines.append(f"| {row['topic']} | {row['sae_latent']} ({row['sae_correlation']:.2f}) | {row['concept']} "
                      f"({row['correlation']:.2f}) | {pct(row['corpus_rate'])} | "
-                     f"{pct(row['rate'])} | " + " | ".join(pct(row[f"rate_steer_{x}"]) for x in scales) + " |")
+                     f"{pct(row['rate'])} | " + " | ".join(pct(row[c]) for c in columns) + " |")
     ex = r["steering_example"]
     times = ", ".join(f"{k} {duration(v)}" for k, v in r["stage_seconds"].items())
     lines += [
         "",
         f"One sample, no steering: `{ex['plain'][:160].strip()}`",
         "",
-        f"The same sample with the {ex['topic']} concept ×{scales[-1]} (the topic steering moved most): "
-        f"`{ex['steered'][:160].strip()}`",
+        f"The same sample with the {ex['topic']} concept {titles[len(s['steer_scales'].split(',')) - 1]} (the topic "
+        f"that scaling moved most): `{ex['steered'][:160].strip()}`",
         "",
         f"Machine: {r['machine']}. Time in the stages {duration(r['stage_seconds_total'])} ({times}).",
         "",
     ]
     return "\n".join(line.replace("\n", " ") for line in lines)
-

@@ -123,7 +123,8 @@ def test_topic_features_against_brute_force():
 
 
 def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
-    cfg = {**config_keys(vars(pipeline)), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data")}
+    cfg = {**config_keys(vars(pipeline)), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data"),
+           "variants": "all"}
 
     def steps(**change):
         return pipeline.make_steps(SimpleNamespace(**{**cfg, **change}))
@@ -132,13 +133,21 @@ def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
         before, after = {s.name: s.key() for s in steps()}, {s.name: s.key() for s in steps(**change)}
         return {name for name in before if before[name] != after[name]}
 
-    students = {f"{o}-{s}" for o in ("ntp", "cocomix") for s in (1, 2, 3)}
-    cocomix = {f"cocomix-{s}" for s in (1, 2, 3)}
-    assert changed(lam_concept=0.2) == changed(concept_layer=1) == cocomix  # the NTP baselines stay
+    def runs(*rows):
+        return {f"{row}-{s}" for row in rows for s in (1, 2, 3)}
+
+    students = runs("ntp", "cocomix", *pipeline.VARIANTS)
+    learn_concepts = runs("cocomix", "activation", "hidden_l1", "hidden_l2", "hidden_cosine", "prediction_only",
+                          "intervention", "residual_slot")
+    assert changed(lam_concept=0.2) == learn_concepts  # NTP, KD, pause and insertion only (lam 0) stay
+    assert changed(concept_layer=1) == learn_concepts | runs("insertion_only", "pause", "pause_kd")
     assert changed(eval_interval=60) == students  # evaluation is the students' curves, not the teacher
-    assert changed(steer_tokens=50) == {"report"}
+    assert changed(steer_tokens=50) == changed(steer_adds="3") == {"report"}
     assert changed(n_concepts=256) == {"sae"} | students  # NTP's width follows the concept count
     assert changed(teacher_iters=10) == {"teacher"}  # the rest goes stale once the teacher is redone:
+    assert changed(k_attr=2) == {"labels", "labels-activation"}
+    assert {s.name for s in steps(variants="")} == {"prepare", "teacher", "sae", "labels", "report"} | runs(
+        "ntp", "cocomix")
 
     chain = steps()
     for i, step in enumerate(chain):
@@ -147,14 +156,17 @@ def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
     keys = {s.name: s.key() for s in chain}
     teacher = next(s for s in chain if s.name == "teacher")
     write_text(teacher.record_path, json.dumps({"key": teacher.key(), "run": "again", "done": True}))
-    assert {s.name for s in chain if s.key() != keys[s.name]} == {"sae", "report"}  # the direct readers first
+    # the direct readers first
+    assert {s.name for s in chain if s.key() != keys[s.name]} == {"sae", "report"} | runs(
+        "kd", "pause_kd", "hidden_l1", "hidden_l2", "hidden_cosine")
 
 
 SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8",
          "--batch_tokens=512",
          "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
          "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=2",
-         "--steer_samples=4", "--steer_tokens=40"]
+         "--steer_samples=4", "--steer_tokens=40", "--variants=all"]
+RUNS = "2x48-c1-20it"  # the students' folder: their shape, concept layer and steps
 
 
 def small_args(tmp_path, *extra):
@@ -170,51 +182,67 @@ def small_run(tmp_path_factory):
 
 def test_pipeline_end_to_end(small_run):
     tmp_path, proc = small_run
-    out = tmp_path / "out"
+    out = tmp_path / "out" / RUNS
     r = json.loads((out / "report.json").read_text())
-    assert r["tokens"] == [0, 5120, 10240]
-    for objective in ("ntp", "cocomix"):  # the report's losses are those the runs logged
-        logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{objective}-{s}" / "metrics.jsonl")
+    md = (out / "report.md").read_text()
+    assert r["tokens"] == [0, 5120, 10240] and r["rows"] == ["ntp", "cocomix", *pipeline.VARIANTS]
+    for row in r["rows"]:  # the report's losses and table are those the runs logged
+        logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
                    if "val_ntp_loss" in line] for s in (1, 2)]
-        assert np.allclose(r["val_ntp_loss"][objective], logged)
+        assert np.allclose(r["val_ntp_loss"][row], logged)
         final = [run_[-1] for run_ in logged]
-        assert r["final_val_ntp_loss"][objective] == pytest.approx([np.mean(final), np.std(final, ddof=1)])
+        mean, std = np.mean(final), np.std(final, ddof=1)
+        assert r["final_val_ntp_loss"][row] == pytest.approx([mean, std])
+        args = torch.load(out / f"{row}-1" / "ckpt.pt", weights_only=True)["model_args"]
+        params = GPT(GPTConfig(**args)).get_num_params()
+        line = next(line for line in md.splitlines() if line.startswith(f"| {report.LABELS.get(row, row)} |"))
+        assert f"| {params:,} |" in line and f"| {mean:.4f} ± {std:.4f} |" in line
+        verdict = "no difference" if abs(mean - r["final_val_ntp_loss"]["ntp"][0]) <= std + r[
+            "final_val_ntp_loss"]["ntp"][1] else "better" if mean < r["final_val_ntp_loss"]["ntp"][0] else "worse"
+        assert f"| {verdict} |" in line
+        accuracy = [json.loads(line).get("val_concept_top_k_attr") for line in open(out / f"{row}-1" / "metrics.jsonl")]
+        assert (accuracy[-1] is not None) == (row in ("cocomix", "activation", "insertion_only", "prediction_only",
+                                                      "intervention", "residual_slot"))
     ntp_cfg = torch.load(out / "ntp-1" / "ckpt.pt", weights_only=True)["model_args"]
     cocomix_cfg = torch.load(out / "cocomix-1" / "ckpt.pt", weights_only=True)["model_args"]
     ntp_params, cocomix_params = (GPT(GPTConfig(**a)).get_num_params() for a in (ntp_cfg, cocomix_cfg))
-    assert r["active_params"] == {"ntp": ntp_params, "cocomix": cocomix_params}
+    assert r["active_params"]["ntp"] == ntp_params and r["active_params"]["cocomix"] == cocomix_params
     assert abs(ntp_params - cocomix_params) <= 0.03 * cocomix_params and ntp_cfg["n_embd"] == r["ntp_width"]
+    for row in ("kd", "pause", "pause_kd"):  # the baselines are NTP's width
+        assert torch.load(out / f"{row}-1" / "ckpt.pt", weights_only=True)["model_args"]["n_embd"] == r["ntp_width"]
+    assert r["flops_per_token"]["cocomix"] > r["flops_per_token"]["prediction_only"] > r["flops_per_token"]["ntp"]
     assert 0 <= r["sae"]["val_nmse"] and 0 <= r["sae"]["dead_frac"] <= 1
-    assert 0 <= r["concept_top_k_attr"][0] <= 1
+    assert 0 <= r["concept_top_k_attr"]["cocomix"][0] <= 1
+    assert set(r["steering_effect"]) == {"cocomix", "activation", "insertion_only", "intervention", "residual_slot"}
     assert [row["topic"] for row in r["steering"]] == list(topics.TOPICS)
     for row in r["steering"]:
-        rates = [row[k] for k in ("corpus_rate", "rate", "rate_steer_5", "rate_steer_10")]
+        rates = [row[k] for k in ("corpus_rate", "rate", "steer_x5", "steer_x10", "steer_plus10")]
         assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= x <= 1 for x in rates))
         assert row["sae_latent"] is None or (0 <= row["sae_latent"] < 64 and -1 <= row["sae_correlation"] <= 1)
-    md = (out / "report.md").read_text()
     for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
-                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 |", "![validation NTP loss",
-                 "Time in the stages"):
+                 "normalised MSE", "## Steering", "| steer ×5 | steer ×10 | steer +10 |", "![validation NTP loss",
+                 "Time in the stages", "Fig. 6 in miniature"):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "[9/9] report" in proc.stdout
+    assert "[32/32] report" in proc.stdout
 
 
 def test_pipeline_rerun_skips_what_is_done_and_refuses_stale_inputs(small_run):
     tmp_path, _ = small_run
     again = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)  # everything is done and valid: nothing runs
-    assert again.stdout.count(": done") == 9 and "$ python" not in again.stdout
+    assert again.stdout.count(": done") == 32 and "$ python" not in again.stdout
 
     stale = run("pipeline.py", *small_args(tmp_path, "--stage=labels", "--sae_k=8"), cwd=tmp_path, check=False)
     assert stale.returncode != 0 and "labels needs sae" in stale.stderr and "--stage=sae" in stale.stderr
 
     report_only = run("pipeline.py", *small_args(tmp_path, "--steer_tokens=30"), cwd=tmp_path)
-    assert report_only.stdout.count(": done") == 8 and "[9/9] report\n" in report_only.stdout
+    assert report_only.stdout.count(": done") == 31 and "[32/32] report\n" in report_only.stdout
 
 
 def test_pipeline_bad_settings(tmp_path):
-    for bad in ("--stage=teachers", "--steer_scales=5;10", "--steer_scales=1..2", "--seeds=0", "--n_head=5"):
+    for bad in ("--stage=teachers", "--steer_scales=5;10", "--steer_scales=1..2", "--steer_adds=x", "--seeds=0",
+                "--n_head=5", "--variants=kd,dropout"):
         proc = run("pipeline.py", *small_args(tmp_path, bad), cwd=tmp_path, check=False)
         assert proc.returncode != 0 and proc.stderr.startswith("error:")
 
