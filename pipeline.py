@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 
 import report
@@ -65,6 +66,7 @@ concept_topk = 16  # concepts compressed into the continuous concept
 lam_concept = 0.1  # weight of the concept loss
 student_iters = 300  # steps of each student
 seeds = 3  # seeds 1..seeds, each trains one student of every row
+jobs = 2  # students trained at once, one thread each, logging to their log.txt (1: one at a time, every core)
 eval_interval = 30  # steps between validation losses (the report's curves) and checkpoints
 eval_iters = 10  # validation batches per evaluation
 steer_samples = 16  # generations per steering condition
@@ -91,13 +93,22 @@ VARIANTS = {
 }
 
 
-def tool(script, *args, **settings):
-    """Runs one of the project's scripts and waits for it to succeed."""
+def tool(script, *args, log=None, **settings):
+    """Runs one of the project's scripts and waits for it to succeed; with a `log` file, on one thread
+    and into that file, so that several can run at once."""
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, script), *args] + [f"--{k}={v}" for k, v in settings.items()]
-    print(f"$ python {script} " + " ".join(cmd[2:]), flush=True)
-    if subprocess.run(cmd).returncode:
-        raise SystemExit(f"error: {script} failed (see above); fix that and rerun `python pipeline.py`")
+    line = f"$ python {script} " + " ".join(cmd[2:])
+    if log is None:
+        print(line, flush=True)
+        code = subprocess.run(cmd).returncode
+    else:
+        with open(log, "a") as f:
+            print(line, file=f, flush=True)
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+    if code:
+        raise SystemExit(f"error: {script} failed (see {log or 'above'}); fix that and rerun `python pipeline.py`")
 
 
 def resume_from(folder):
@@ -243,7 +254,8 @@ def make_steps(cfg):
     def student(seed, model):
         """A student's train.py run: the shared settings, then `model()`'s, asked for when it runs."""
         return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
-                                   n_layer=n_layer, max_iters=cfg.student_iters, seed=seed)
+                                   n_layer=n_layer, max_iters=cfg.student_iters, seed=seed,
+                                   log=os.path.join(folder, "log.txt") if cfg.jobs > 1 else None)
 
     # the NTP baseline's width matches the active parameters once the corpus' vocabulary is known
     def ntp():
@@ -315,21 +327,44 @@ def main():
     unknown = [v for v in chosen_variants(cfg) if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"error: unknown variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, or 'all'")
-    if cfg.seeds < 1 or cfg.n_embd % cfg.n_head:
-        raise SystemExit(f"error: seeds must be at least 1 (got {cfg.seeds}) and n_embd a multiple of n_head "
-                         f"(got {cfg.n_embd} and {cfg.n_head})")
+    if cfg.seeds < 1 or cfg.jobs < 1 or cfg.n_embd % cfg.n_head:
+        raise SystemExit(f"error: seeds and jobs must be at least 1 (got {cfg.seeds}, {cfg.jobs}) and n_embd a "
+                         f"multiple of n_head (got {cfg.n_embd} and {cfg.n_head})")
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]
-    for i, step in enumerate(chosen, 1):
-        if step.done():
-            print(f"[{i}/{len(chosen)}] {step.name}: done")
-            continue
-        for need in step.needs:
-            if not need.done():
-                raise SystemExit(f"error: {step.name} needs {need.name}, which is missing or was made with other "
-                                 f"settings: run `python pipeline.py --stage={need.stage}` first "
-                                 f"(or `python pipeline.py` for all)")
-        print(f"[{i}/{len(chosen)}] {step.name}", flush=True)
+    # students run `jobs` at a time; any other step waits for those under way
+    pool, running = ThreadPoolExecutor(max_workers=cfg.jobs), []
+
+    def finish_running():
+        for future in running:
+            future.result()
+        running.clear()
+
+    def execute(i, step):
+        print(f"[{i}/{len(chosen)}] {step.name} (log: {os.path.join(step.folder, 'log.txt')})", flush=True)
         step.execute()
+        print(f"[{i}/{len(chosen)}] {step.name}: finished in {step.record()['seconds']:.0f} s", flush=True)
+
+    try:
+        for i, step in enumerate(chosen, 1):
+            if step.done():
+                print(f"[{i}/{len(chosen)}] {step.name}: done")
+                continue
+            parallel = step.stage == "students" and cfg.jobs > 1
+            if not parallel:
+                finish_running()
+            for need in step.needs:
+                if not need.done():
+                    raise SystemExit(f"error: {step.name} needs {need.name}, which is missing or was made with other "
+                                     f"settings: run `python pipeline.py --stage={need.stage}` first "
+                                     f"(or `python pipeline.py` for all)")
+            if parallel:
+                running.append(pool.submit(execute, i, step))
+            else:
+                print(f"[{i}/{len(chosen)}] {step.name}", flush=True)
+                step.execute()
+        finish_running()
+    finally:
+        pool.shutdown(cancel_futures=True)
 
 
 if __name__ == "__main__":

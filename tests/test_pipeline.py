@@ -226,6 +226,9 @@ def test_pipeline_end_to_end(small_run):
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[32/32] report" in proc.stdout
+    # two students at a time (jobs=2): each logs to its folder, not to the pipeline's output
+    assert (out / "kd-2" / "log.txt").read_text().startswith("$ python train.py --out_dir=")
+    assert "val_kd_loss" in (out / "kd-2" / "log.txt").read_text() and "val_kd_loss" not in proc.stdout
 
 
 def test_pipeline_rerun_skips_what_is_done_and_refuses_stale_inputs(small_run):
