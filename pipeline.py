@@ -17,8 +17,8 @@ The whole method on the built-in corpus, offline, in one command (11.5 minutes o
 
 Each step works in a folder of its own and records there (stage.json) the settings it ran with and
 whether it finished. Ctrl-C stops a stage anywhere; the rerun continues it from its last checkpoint.
-The students and their report live in out_dir/<students' shape and steps>/, e.g. 4x128-c2-300it/, so that
-studies of other shapes and budgets share the teacher, the SAE and the labels:
+The students live in out_dir/<students' shape and steps>/, e.g. 4x128-c2-300it/, so that studies of other
+shapes and budgets share the teacher, the SAE and the labels; their report in report-<rows>/ there:
 
     python pipeline.py --variants=all                                                   # the study
     python pipeline.py --variants=all --student_n_layer=8 --student_n_embd=96 --concept_layer=3
@@ -61,7 +61,7 @@ k_attr = 4  # concept labels per position
 concept_layer = 2  # students predict and mix concepts (or pause) before this block
 student_n_layer = 0  # blocks of every student (0: n_layer, the teacher's)
 student_n_embd = 0  # width of the CoCoMix student (0: n_embd); NTP's, KD's and pause's match its active parameters
-variants = "prediction_only,residual_slot"  # rows beside NTP and CoCoMix: names from VARIANTS, or 'all' (the study)
+variants = "prediction_only"  # rows beside NTP and CoCoMix: names from VARIANTS, or 'all' (the study)
 concept_topk = 16  # concepts compressed into the continuous concept
 lam_concept = 0.1  # weight of the concept loss
 student_iters = 300  # steps of each student
@@ -305,10 +305,13 @@ def make_steps(cfg):
                                  run=student(seed, model)))
 
     before_report = [prepare, teacher, sae, *label_steps, *students]
-    report_step = Step("report", "report", os.path.join(runs, "report"), [teacher, sae, *label_steps, *students],
+    # one report per choice of rows, so that the default run and a study of the same students keep theirs
+    chosen = "all" if cfg.variants == "all" else "+".join(variants)
+    report_folder = os.path.join(runs, f"report-{chosen}" if chosen else "report")
+    report_step = Step("report", "report", report_folder, [teacher, sae, *label_steps, *students],
                        settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds"),
-                       outputs=exists(*report.paths(runs).values()), run=lambda folder: report.write_report(
-                           cfg, runs, {s.name: s.record()["seconds"] for s in before_report}))
+                       outputs=exists(*report.paths(report_folder).values()), run=lambda folder: report.write_report(
+                           cfg, runs, folder, {s.name: s.record()["seconds"] for s in before_report}))
     return [*before_report, report_step]
 
 

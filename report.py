@@ -213,9 +213,9 @@ def plot(path, r, seeds):
 LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
 
 
-def write_report(cfg, runs, stage_seconds):
-    """Measures, plots and writes the report of the students in `runs`; `stage_seconds` are the times of
-    the stages before it."""
+def write_report(cfg, runs, folder, stage_seconds):
+    """Measures, plots and writes into `folder` the report of the students in `runs`; `stage_seconds`
+    are the times of the stages before it."""
     t0 = time.time()
     device, _, autocast = device_and_autocast()
     r = {"settings": vars(cfg), **training(cfg, runs)}
@@ -227,11 +227,11 @@ def write_report(cfg, runs, stage_seconds):
         if args.get("n_concepts") and args.get("mixing") != "none":
             r["steering_effect"][n] = steering(cfg, os.path.join(runs, f"{n}-1"), device, autocast,
                                                detail=False)["steering_effect"]
-    plot(paths(runs)["png"], r, cfg.seeds)
+    plot(paths(folder)["png"], r, cfg.seeds)
     times = {**stage_seconds, "report": time.time() - t0}
     r.update(machine=machine(device), stage_seconds_total=sum(times.values()), stage_seconds=times)
-    write_text(paths(runs)["json"], json.dumps(r, indent=1))
-    write_text(paths(runs)["md"], markdown(r))
+    write_text(paths(folder)["json"], json.dumps(r, indent=1))
+    write_text(paths(folder)["md"], markdown(r))
     print(markdown(r))
 
 
@@ -324,7 +324,8 @@ def markdown(r):
         effect = r["steering_effect"].get(n)
         lines.append(
             f"| {LABELS.get(n, n)} | {what[n]} | {r['active_params'][n]:,} | "
-            f"{r['flops_per_token'][n] / r['flops_per_token']['ntp']:.2f} | {m:.4f} ± {sd:.4f} | {r['against_ntp'][n]} | "
+            f"{r['flops_per_token'][n] / r['flops_per_token']['ntp']:.2f} | {m:.4f} ± {sd:.4f} | "
+            f"{r['against_ntp'][n]} | "
             + ("not reached" if reach_n is None else f"{100 * reach_n / total:.0f}%") + " | "
             + ("–" if acc_n is None else f"{pct(acc_n[0])} ± {pct(acc_n[1])}") + " | "
             + ("–" if effect is None else ", ".join(f"{100 * effect[c]:+.1f} pts" for c in columns)) + " |")

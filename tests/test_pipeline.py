@@ -183,8 +183,8 @@ def small_run(tmp_path_factory):
 def test_pipeline_end_to_end(small_run):
     tmp_path, proc = small_run
     out = tmp_path / "out" / RUNS
-    r = json.loads((out / "report.json").read_text())
-    md = (out / "report.md").read_text()
+    r = json.loads((out / "report-all" / "report.json").read_text())
+    md = (out / "report-all" / "report.md").read_text()
     assert r["tokens"] == [0, 5120, 10240] and r["rows"] == ["ntp", "cocomix", *pipeline.VARIANTS]
     for row in r["rows"]:  # the report's losses and table are those the runs logged
         logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
@@ -224,7 +224,7 @@ def test_pipeline_end_to_end(small_run):
                  "Time in the stages", "Fig. 6 in miniature"):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
-    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "report-all" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[32/32] report" in proc.stdout
     # two students at a time (jobs=2): each logs to its folder, not to the pipeline's output
     assert (out / "kd-2" / "log.txt").read_text().startswith("$ python train.py --out_dir=")

@@ -67,7 +67,8 @@ def test_steering_a_cocomix_model(cocomix_ckpt):
     assert sample(cocomix_ckpt, "--steer", steer).stdout != sample(cocomix_ckpt).stdout
     added = sample(cocomix_ckpt, "--temperature=0", "--steer", "3=0,200=0", "--steer_mode=add").stdout
     assert added == plain  # adding 0: nothing moves
-    assert sample(cocomix_ckpt, "--temperature=0", "--steer", steer.replace("=30", "=20"), "--steer_mode=add").stdout != plain
+    lifted = sample(cocomix_ckpt, "--temperature=0", "--steer", steer.replace("=30", "=20"), "--steer_mode=add")
+    assert lifted.stdout != plain
     norms = run("sample.py", f"--out_dir={cocomix_ckpt}", "--concept_norms").stdout
     assert "compressor-weight norms of 256 concepts:" in norms and "below 1e-2" in norms
 
