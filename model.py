@@ -224,7 +224,7 @@ class HiddenMixer(nn.Module):
         return self.compressor(g) * std + mu, g
 
 
-def hidden_loss(g, target, kind):
+def hidden_state_loss(g, target, kind):
     """Fig. 6b's continuous losses between the prediction g and the target (both (..., D)), means over
     positions: 'l1' |target - g| and 'l2' (target - g)^2, each also averaged over the D dimensions (the
     paper writes the sum; the mean keeps lam_concept's scale), 'cosine' 1 - cos(target, g)."""
@@ -386,7 +386,7 @@ class GPT(nn.Module):
         if concept_labels is not None:
             c_loss = ConceptLoss.apply(prediction.flatten(0, -2), concept_labels.flatten(0, -2))
         elif teacher_hidden is not None:
-            c_loss = hidden_loss(prediction, teacher_hidden, cfg.hidden_loss)
+            c_loss = hidden_state_loss(prediction, teacher_hidden, cfg.hidden_loss)
         if c_loss is not None:
             loss = loss + cfg.lam_concept * c_loss
         if teacher_logits is not None:
@@ -408,7 +408,7 @@ class GPT(nn.Module):
 
     def hidden(self, idx, layer):
         """The residual stream after block `layer` (TransformerLens' blocks.{layer}.hook_resid_post)."""
-        assert self.concepts is None, "a teacher is a plain GPT"
+        assert self.mixing is None, "a teacher is a plain GPT"
         x = self.embed(idx)
         for block in self.transformer.h[:layer + 1]:
             x = block(x)

@@ -1,5 +1,5 @@
 """
-The whole method on the built-in corpus, offline, in one command (11.5 minutes on 2 CPU cores):
+The whole method on the built-in corpus, offline, in one command on a CPU:
 
     python pipeline.py                        # every stage; a rerun skips what is done and still valid
     python pipeline.py --stage=sae            # one stage, once the stages before it are done
@@ -32,7 +32,7 @@ import shutil
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 import report
@@ -249,10 +249,10 @@ def make_steps(cfg):
     label_steps = [labels] + ([activation_labels] if "activation" in variants else [])
 
     n_layer, n_embd = student_shape(cfg)
-    runs = students_folder(cfg)
+    students_dir = students_folder(cfg)
 
     def student(seed, model):
-        """A student's train.py run: the shared settings, then `model()`'s, asked for when it runs."""
+        """A student's train.py run: the shared settings, then `model()`'s, asked for when it students_dir."""
         return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
                                    n_layer=n_layer, max_iters=cfg.student_iters, seed=seed,
                                    log=os.path.join(folder, "log.txt") if cfg.jobs > 1 else None)
@@ -269,18 +269,18 @@ def make_steps(cfg):
 
     # each row: (what its run changes, the train.py settings, the steps whose output it reads, which of the
     # concept settings it reads)
-    concept_keys, pause_keys = ("concept_layer", "lam_concept"), ("concept_layer",)
+    concept_keys, layer_keys = ("concept_layer", "lam_concept"), ("concept_layer",)
     rows = {
         "ntp": ({}, ntp, [prepare], ()),
         "cocomix": ({}, cocomix, [labels], concept_keys),
         "kd": ({"objective": "kd"}, lambda: {**ntp(), "objective": "kd", "teacher": teacher_dir}, [teacher], ()),
         "pause": ({"objective": "pause"}, lambda: {**ntp(), "objective": "pause", "concept_layer": cfg.concept_layer},
-                  [prepare], pause_keys),
+                  [prepare], layer_keys),
         "pause_kd": ({"objective": "pause_kd"}, lambda: {**ntp(), "objective": "pause_kd", "teacher": teacher_dir,
-                                                         "concept_layer": cfg.concept_layer}, [teacher], pause_keys),
+                                                         "concept_layer": cfg.concept_layer}, [teacher], layer_keys),
         "activation": ({"label_score": "activation"}, lambda: cocomix(
             label_score="activation", label_cache=activation_labels.folder), [activation_labels], concept_keys),
-        "insertion_only": ({"lam_concept": 0.0}, lambda: cocomix(lam_concept=0.0), [labels], pause_keys),
+        "insertion_only": ({"lam_concept": 0.0}, lambda: cocomix(lam_concept=0.0), [labels], layer_keys),
         "prediction_only": ({"mixing": "none"}, lambda: cocomix(mixing="none"), [labels], concept_keys),
         "intervention": ({"mixing": "add"}, lambda: cocomix(mixing="add"), [labels], concept_keys),
         "residual_slot": ({"mixing": "residual_slot"}, lambda: cocomix(mixing="residual_slot"), [labels],
@@ -289,7 +289,7 @@ def make_steps(cfg):
     for loss in ("l1", "l2", "cosine"):
         rows[f"hidden_{loss}"] = ({"objective": "hidden", "hidden_loss": loss}, lambda loss=loss: dict(
             objective="hidden", hidden_loss=loss, n_embd=n_embd, teacher=teacher_dir, sae_layer=cfg.sae_layer,
-            concept_layer=cfg.concept_layer, lam_concept=cfg.lam_concept), [teacher], concept_keys)
+            concept_layer=cfg.concept_layer, lam_concept=cfg.lam_concept), [teacher], (*concept_keys, "sae_layer"))
 
     # NTP's width follows the students' shape, n_concepts and concept_topk
     student_settings = {**shape, **settings("student_iters", "eval_interval", "eval_iters", "n_concepts",
@@ -299,7 +299,7 @@ def make_steps(cfg):
         for name in ["ntp", "cocomix", *variants]:
             change, model, needs, keys = rows[name]
             step_settings = {**student_settings, **settings(*keys), **change, "seed": seed}
-            folder = os.path.join(runs, f"{name}-{seed}")
+            folder = os.path.join(students_dir, f"{name}-{seed}")
             students.append(Step(f"{name}-{seed}", "students", folder, needs, step_settings,
                                  outputs=exists(os.path.join(folder, "ckpt.pt"), os.path.join(folder, "metrics.jsonl")),
                                  run=student(seed, model)))
@@ -307,11 +307,11 @@ def make_steps(cfg):
     before_report = [prepare, teacher, sae, *label_steps, *students]
     # one report per choice of rows, so that the default run and a study of the same students keep theirs
     chosen = "all" if cfg.variants == "all" else "+".join(variants)
-    report_folder = os.path.join(runs, f"report-{chosen}" if chosen else "report")
+    report_folder = os.path.join(students_dir, f"report-{chosen}" if chosen else "report")
     report_step = Step("report", "report", report_folder, [teacher, sae, *label_steps, *students],
                        settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds"),
                        outputs=exists(*report.paths(report_folder).values()), run=lambda folder: report.write_report(
-                           cfg, runs, folder, {s.name: s.record()["seconds"] for s in before_report}))
+                           cfg, students_dir, folder, {s.name: s.record()["seconds"] for s in before_report}))
     return [*before_report, report_step]
 
 
@@ -327,20 +327,26 @@ def main():
         except ValueError:
             raise SystemExit(f"error: {key} must be numbers separated by commas, e.g. '5,10', "
                              f"not {getattr(cfg, key)!r}")
-    unknown = [v for v in chosen_variants(cfg) if v not in VARIANTS]
-    if unknown:
-        raise SystemExit(f"error: unknown variants {', '.join(unknown)}: choose from {', '.join(VARIANTS)}, or 'all'")
-    if cfg.seeds < 1 or cfg.jobs < 1 or cfg.n_embd % cfg.n_head:
-        raise SystemExit(f"error: seeds and jobs must be at least 1 (got {cfg.seeds}, {cfg.jobs}) and n_embd a "
-                         f"multiple of n_head (got {cfg.n_embd} and {cfg.n_head})")
+    variants = chosen_variants(cfg)
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or len(set(variants)) < len(variants):
+        raise SystemExit(f"error: variants must be distinct names from {', '.join(VARIANTS)}, or 'all'; got "
+                         f"{cfg.variants!r}")
+    n_embd = student_shape(cfg)[1]
+    if cfg.seeds < 1 or cfg.jobs < 1 or cfg.n_embd % cfg.n_head or n_embd % cfg.n_head:
+        raise SystemExit(f"error: seeds and jobs must be at least 1 (got {cfg.seeds}, {cfg.jobs}) and n_embd and "
+                         f"student_n_embd multiples of n_head (got {cfg.n_embd}, {n_embd} and {cfg.n_head})")
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]
     # students run `jobs` at a time; any other step waits for those under way
     pool, running = ThreadPoolExecutor(max_workers=cfg.jobs), []
 
     def finish_running():
-        for future in running:
-            future.result()
-        running.clear()
+        # the first failure stops the pipeline at once: the students queued behind it are cancelled below
+        while running:
+            done, _ = wait(running, return_when=FIRST_EXCEPTION)
+            for future in done:
+                running.remove(future)
+                future.result()
 
     def execute(i, step):
         print(f"[{i}/{len(chosen)}] {step.name} (log: {os.path.join(step.folder, 'log.txt')})", flush=True)

@@ -19,6 +19,10 @@ from prepare import Tokenizer, load_meta
 from sae import TopKSAE
 
 
+# how the report names the two rows every run has; the variants go by their names in pipeline.VARIANTS
+LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
+
+
 def paths(out_dir):
     return {ext: os.path.join(out_dir, f"report.{ext}") for ext in ("md", "json", "png")}
 
@@ -67,44 +71,41 @@ def compare(row, ntp):
     return "no difference" if abs(m - m0) <= s + s0 else "better" if m < m0 else "worse"
 
 
-def training(cfg, runs):
+def training(cfg, students_dir):
     """Every row's validation curves over the seeds and what they say, with the teacher's and the SAE's
     figures. Rows: NTP, the paper's CoCoMix, then the chosen variants (pipeline.VARIANTS)."""
     from pipeline import chosen_variants
 
     seeds = range(1, cfg.seeds + 1)
     names = ["ntp", "cocomix", *chosen_variants(cfg)]
-    curves = {n: [val_curve(os.path.join(runs, f"{n}-{s}")) for s in seeds] for n in names}
+    curves = {n: [val_curve(os.path.join(students_dir, f"{n}-{s}")) for s in seeds] for n in names}
     tokens = curves["ntp"][0][0]
     for name, rows in curves.items():
         if any(len(t) != len(tokens) or (t != tokens).any() for t, _ in rows):
-            raise SystemExit(f"error: the {name} runs were validated at other token counts: "
+            raise SystemExit(f"error: the {name} students_dir were validated at other token counts: "
                              f"rerun `python pipeline.py --stage=students`")
     # (seeds, evaluations)
     losses = {n: np.stack([l for _, l in rows]) for n, rows in curves.items()}
     final = {n: mean_std(l[:, -1]) for n, l in losses.items()}
     reach = {n: tokens_to_reach(tokens, l.mean(0), final["ntp"][0]) for n, l in losses.items()}
-    shapes = {n: model_shape(os.path.join(runs, f"{n}-1")) for n in names}
+    shapes = {n: model_shape(os.path.join(students_dir, f"{n}-1")) for n in names}
     accuracy = {}
     for n in names:
-        runs_acc = [val_curve(os.path.join(runs, f"{n}-{s}"), "val_concept_top_k_attr")[1] for s in seeds]
-        if all(len(a) for a in runs_acc):
-            accuracy[n] = mean_std([a[-1] for a in runs_acc])
+        finals = [val_curve(os.path.join(students_dir, f"{n}-{s}"), "val_concept_top_k_attr")[1] for s in seeds]
+        if all(len(a) for a in finals):
+            accuracy[n] = mean_std([a[-1] for a in finals])
     teacher = model_shape(os.path.join(cfg.out_dir, "teacher"))
     sae_metrics = read_metrics(os.path.join(cfg.out_dir, "sae"))[-1]
     return {
         "rows": names, "ntp_width": shapes["ntp"][0], "width": {n: w for n, (w, _, _) in shapes.items()},
         "active_params": {n: p for n, (_, p, _) in shapes.items()},
         "flops_per_token": {n: f for n, (_, _, f) in shapes.items()},
-        # a teacher's forward pass per training token (KD, hidden-state prediction): a third of its training FLOPs
+        # KD's teacher forward pass per training token: a third of the teacher's training FLOPs
         "teacher_forward_flops_per_token": teacher[2] / 3,
         "tokens": tokens.tolist(), "val_ntp_loss": {n: l.tolist() for n, l in losses.items()},
         "final_val_ntp_loss": final, "against_ntp": {n: compare(final[n], final["ntp"]) for n in names},
         "teacher_val_loss": val_curve(os.path.join(cfg.out_dir, "teacher"))[1][-1],
         "tokens_to_reach_ntp_final": reach,
-        "cocomix_tokens_to_reach_ntp_final": reach["cocomix"],
-        "cocomix_tokens_to_reach_ntp_final_pct": None if reach["cocomix"] is None else
-        100 * reach["cocomix"] / tokens[-1],
         "concept_top_k_attr": accuracy,
         "concept_top_k_attr_chance": cfg.k_attr / cfg.n_concepts,
         "sae": {k: sae_metrics[k] for k in ("val_nmse", "val_fve", "dead_frac")},
@@ -138,7 +139,7 @@ def steering(cfg, folder, device, autocast, detail):
     positions = int((val_topic[:len(val) // block_size * block_size] != topics.NO_TOPIC).sum())
     # (mode, amount, column name)
     scales = [("scale", float(v), f"steer_x{float(v):g}") for v in cfg.steer_scales.split(",")]
-    settings = scales + [("add", float(v), f"steer_plus{float(v):g}") for v in cfg.steer_adds.split(",")]
+    steers = scales + [("add", float(v), f"steer_plus{float(v):g}") for v in cfg.steer_adds.split(",")]
 
     # the same sampling noise in every condition
     def generate(concept, mode, amount):
@@ -148,7 +149,7 @@ def steering(cfg, folder, device, autocast, detail):
                                steer_mode=mode or "scale")
         return [tok.decode(row) for row in y[:, x.size(1):].tolist()]
 
-    conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in settings]
+    conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
     texts = {cond: generate(*cond) for cond in tqdm(conditions, desc=f"steering {os.path.basename(folder)}",
                                                     unit="condition")}
     corpus_words = topics.words(tok.decode(val.tolist()))
@@ -156,7 +157,7 @@ def steering(cfg, folder, device, autocast, detail):
     for (name, topic_words), (concept, corr), (latent, latent_corr) in zip(meta["topics"].items(), tied, in_sae):
         topic_words = set(topic_words)
         steered = {column: topics.topic_rate(texts[(concept, mode, v)], topic_words) if concept is not None else None
-                   for mode, v, column in settings}
+                   for mode, v, column in steers}
         rows.append({"topic": name, "sae_latent": latent, "sae_correlation": latent_corr, "concept": concept,
                      "correlation": corr,
                      "corpus_rate": sum(w in topic_words for w in corpus_words) / len(corpus_words),
@@ -164,7 +165,7 @@ def steering(cfg, folder, device, autocast, detail):
     # the steering effect: the topic's rate gained, mean over the topics with a concept, per condition
     found = [row for row in rows if row["concept"] is not None]
     effect = {column: float(np.mean([row[column] - row["rate"] for row in found])) if found else None
-              for _, _, column in settings}
+              for _, _, column in steers}
     if not detail:
         return {"steering_effect": effect}
     strongest = scales[-1]
@@ -172,7 +173,7 @@ def steering(cfg, folder, device, autocast, detail):
     example = {"topic": best["topic"], "plain": texts[(None, None, None)][0],
                "steered": texts[(best["concept"], strongest[0], strongest[1])][0]}
     return {"steering": rows, "steering_effect": effect, "steering_example": example, "steering_prompts": prompts,
-            "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in settings]}
+            "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in steers]}
 
 
 def plot(path, r, seeds):
@@ -210,22 +211,19 @@ def plot(path, r, seeds):
     plt.close(fig)
 
 
-LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
-
-
-def write_report(cfg, runs, folder, stage_seconds):
-    """Measures, plots and writes into `folder` the report of the students in `runs`; `stage_seconds`
+def write_report(cfg, students_dir, folder, stage_seconds):
+    """Measures, plots and writes into `folder` the report of the students in `students_dir`; `stage_seconds`
     are the times of the stages before it."""
     t0 = time.time()
     device, _, autocast = device_and_autocast()
-    r = {"settings": vars(cfg), **training(cfg, runs)}
-    r.update(steering(cfg, os.path.join(runs, "cocomix-1"), device, autocast, detail=True))
+    r = {"settings": vars(cfg), **training(cfg, students_dir)}
+    r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
     # the steering effect of every other row whose concepts reach the stream
     r["steering_effect"] = {"cocomix": r["steering_effect"]}
     for n in r["rows"][2:]:
-        args = load_checkpoint(os.path.join(runs, f"{n}-1"))["model_args"]
+        args = load_checkpoint(os.path.join(students_dir, f"{n}-1"))["model_args"]
         if args.get("n_concepts") and args.get("mixing") != "none":
-            r["steering_effect"][n] = steering(cfg, os.path.join(runs, f"{n}-1"), device, autocast,
+            r["steering_effect"][n] = steering(cfg, os.path.join(students_dir, f"{n}-1"), device, autocast,
                                                detail=False)["steering_effect"]
     plot(paths(folder)["png"], r, cfg.seeds)
     times = {**stage_seconds, "report": time.time() - t0}
@@ -261,8 +259,8 @@ def markdown(r):
     s = r["settings"]
     final, names = r["final_val_ntp_loss"], r["rows"]
     (ntp, ntp_sd), (coco, coco_sd) = final["ntp"], final["cocomix"]
-    total, reach = r["tokens"][-1], r["cocomix_tokens_to_reach_ntp_final"]
-    reach_pct = r["cocomix_tokens_to_reach_ntp_final_pct"]
+    total, reach = r["tokens"][-1], r["tokens_to_reach_ntp_final"]["cocomix"]
+    reach_pct = None if reach is None else 100 * reach / total
     reach_text = "not reached" if reach is None else f"{reach:,.0f} ({reach_pct:.1f}%)"
     if coco < ntp:
         verdict = (f"**CoCoMix beat NTP here**: final validation NTP loss {coco:.4f} against {ntp:.4f}; it reached "
@@ -304,10 +302,12 @@ def markdown(r):
         "",
         f"The same tokens in the same order for every row, {s['seeds']} seeds each. Against NTP: *better* or *worse* "
         f"when the means differ by more than the two standard deviations together, else *no difference*. FLOPs: "
-        f"the student's training FLOPs per token; KD and hidden-state prediction also run the teacher forward on "
-        f"every training token ({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's "
-        f"training FLOPs for a full pass), CoCoMix's labels were made once per corpus token and cached. Steering: "
-        f"the topic-word rate gained, mean over the topics, with the topic's concept steered (seed 1).",
+        f"the student's training FLOPs per token; KD also runs the teacher forward on every training token "
+        f"({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's training FLOPs), "
+        f"hidden-state prediction the teacher's blocks up to {s['sae_layer']}; CoCoMix's labels were made once per "
+        f"corpus token and cached. Concept accuracy is against each row's own labels (activation labels for the "
+        f"activation row). Steering: the topic-word rate gained, mean over the topics, with the topic's concept "
+        f"steered (seed 1).",
         "",
         "| row | what it is | active parameters | FLOPs/token ÷ NTP | final validation NTP loss | against NTP | "
         f"tokens to reach NTP's final | concept top-{s['k_attr']} accuracy | steering effect "
@@ -360,7 +360,8 @@ def markdown(r):
         f"One sample, no steering: `{ex['plain'][:160].strip()}`",
         "",
         f"The same sample with the {ex['topic']} concept {titles[len(s['steer_scales'].split(',')) - 1]} (the topic "
-        f"that scaling moved most): `{ex['steered'][:160].strip()}`",
+        f"that scaling moved most): " + ("unchanged." if ex["steered"] == ex["plain"] else
+                                         f"`{ex['steered'][:160].strip()}`"),
         "",
         f"Machine: {r['machine']}. Time in the stages {duration(r['stage_seconds_total'])} ({times}).",
         "",

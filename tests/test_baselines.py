@@ -8,7 +8,7 @@ import torch
 
 from attribution import ConceptLabeler
 from conftest import cocomix_args, run, train_args
-from model import GPT, GPTConfig, hidden_loss, kd_loss
+from model import GPT, GPTConfig, hidden_state_loss, kd_loss
 from test_attribution import tiny_sae, tiny_teacher
 from test_cocomix import cocomix, greedy_by_recomputation
 
@@ -37,10 +37,10 @@ def test_kd_loss_is_the_kl_of_teacher_to_student():
 def test_hidden_losses_by_hand():
     g = torch.tensor([[1.0, 2.0], [3.0, -1.0]])
     t = torch.tensor([[0.0, 2.0], [1.0, 1.0]])
-    assert hidden_loss(g, t, "l1").item() == pytest.approx((1 + 0 + 2 + 2) / 4)
-    assert hidden_loss(g, t, "l2").item() == pytest.approx((1 + 0 + 4 + 4) / 4)
+    assert hidden_state_loss(g, t, "l1").item() == pytest.approx((1 + 0 + 2 + 2) / 4)
+    assert hidden_state_loss(g, t, "l2").item() == pytest.approx((1 + 0 + 4 + 4) / 4)
     cos = [(0 * 1 + 2 * 2) / (math.sqrt(5) * 2), (3 * 1 - 1 * 1) / (math.sqrt(10) * math.sqrt(2))]
-    assert hidden_loss(g, t, "cosine").item() == pytest.approx(1 - sum(cos) / 2)
+    assert hidden_state_loss(g, t, "cosine").item() == pytest.approx(1 - sum(cos) / 2)
 
 
 def upper_input(model, x):
@@ -128,7 +128,8 @@ def test_activation_labels_are_the_saes_largest_activations():
             row = c[b, t].tolist()
             brute = sorted(range(len(row)), key=lambda i: -row[i])[:3]
             assert sorted(labels[b, t].tolist()) == sorted(brute)
-            assert all(row[i] > 0 for i in brute)  # among the SAE's active latents
+            # among the SAE's active latents
+            assert all(row[i] > 0 for i in brute)
 
 
 def read(out):
@@ -147,8 +148,9 @@ def test_kd_against_the_students_own_initial_weights_is_zero_at_step_zero(char_d
                                 max_iters=2))
     lines = read(tmp_path / "kd")
     assert lines[0]["step"] == 0 and abs(lines[0]["val_kd_loss"]) < 1e-6
-    assert abs(lines[1]["train_kd_loss"]) < 1e-6  # step 1's metrics: the batch before the first update
-    assert lines[2]["train_kd_loss"] > 1e-4  # the student has moved away
+    # step 1's metrics are those of the batch before the first update; by step 2 the student has moved away
+    assert abs(lines[1]["train_kd_loss"]) < 1e-6
+    assert lines[2]["train_kd_loss"] > 1e-4
 
 
 def test_kd_with_lam_kd_zero_trains_exactly_like_ntp(char_data, concept_parts, tmp_path):
