@@ -58,7 +58,7 @@ objective = "ntp"  # 'ntp' (next-token prediction), 'cocomix', 'kd', 'pause', 'p
 n_concepts = 32768  # C, the concepts: the SAE's latents (OpenAI's GPT-2 SAE: 32768)
 concept_topk = 32  # concepts compressed into the continuous concept (eq. 3)
 concept_layer = 3  # block index before which concepts are predicted and mixed (69M: 3, 386M and 1.38B: 5)
-mixing = "interleave"  # 'interleave' (the paper), 'add' (h + c_hat), 'none', 'residual_slot' (not the paper: slot h + c_hat)
+mixing = "interleave"  # 'interleave' (the paper), 'add' (h + c_hat), 'none', 'residual_slot' (beyond it: slot h+c_hat)
 lam_concept = 0.1  # weight of the concept loss (eq. 4), or of the hidden-state loss (objective='hidden')
 k_attr = 4  # concept labels per position (eq. 1)
 label_score = "attribution"  # labels from the 'attribution' score (eq. 1) or the SAE 'activation' (Fig. 6a)
