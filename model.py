@@ -189,10 +189,9 @@ class ConceptMixer(nn.Module):
         if steer:
             index = torch.tensor(list(steer), device=h.device)
             value = torch.tensor(list(steer.values()), dtype=concept_logits.dtype, device=h.device)
-            if steer_mode == "scale":
-                concept_logits = concept_logits.index_copy(-1, index, concept_logits[..., index] * value)
-            else:
-                concept_logits = concept_logits.index_copy(-1, index, concept_logits[..., index] + value)
+            chosen = concept_logits[..., index]
+            steered = chosen * value if steer_mode == "scale" else chosen + value
+            concept_logits = concept_logits.index_copy(-1, index, steered)
         if self.compressor is None:
             return None, concept_logits
         values, indices = concept_logits.topk(self.k, dim=-1)

@@ -125,13 +125,9 @@ def steering(cfg, folder, device, autocast, detail):
     del ckpt
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     val_topic = np.memmap(os.path.join(cfg.data_dir, "val_topic.bin"), dtype=np.uint8, mode="r")
-    teacher_model = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
-    sae_model = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     block_size, n_topics = model.config.block_size, len(meta["topics"])
     with autocast:
         tied = topics.topic_features(lambda x: model(x).concept_logits, val, val_topic, n_topics, block_size, device)
-        in_sae = topics.topic_features(lambda x: sae_model.encode_pre(teacher_model.hidden(x, cfg.sae_layer))[0], val,
-                                       val_topic, n_topics, block_size, device)
     # the names the corpus used, each one token, so that every prompt has the same length
     names = [n for n in meta["names"] if " " + n in tok.stoi]
     prompts = topics.prompts(names, cfg.steer_samples)
@@ -152,15 +148,12 @@ def steering(cfg, folder, device, autocast, detail):
     conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
     texts = {cond: generate(*cond) for cond in tqdm(conditions, desc=f"steering {os.path.basename(folder)}",
                                                     unit="condition")}
-    corpus_words = topics.words(tok.decode(val.tolist()))
     rows = []
-    for (name, topic_words), (concept, corr), (latent, latent_corr) in zip(meta["topics"].items(), tied, in_sae):
+    for (name, topic_words), (concept, corr) in zip(meta["topics"].items(), tied):
         topic_words = set(topic_words)
         steered = {column: topics.topic_rate(texts[(concept, mode, v)], topic_words) if concept is not None else None
                    for mode, v, column in steers}
-        rows.append({"topic": name, "sae_latent": latent, "sae_correlation": latent_corr, "concept": concept,
-                     "correlation": corr,
-                     "corpus_rate": sum(w in topic_words for w in corpus_words) / len(corpus_words),
+        rows.append({"topic": name, "concept": concept, "correlation": corr,
                      "rate": topics.topic_rate(texts[(None, None, None)], topic_words), **steered})
     # the steering effect: the topic's rate gained, mean over the topics with a concept, per condition
     found = [row for row in rows if row["concept"] is not None]
@@ -168,6 +161,18 @@ def steering(cfg, folder, device, autocast, detail):
               for _, _, column in steers}
     if not detail:
         return {"steering_effect": effect}
+
+    # for comparison, in the detailed table only: the teacher's SAE latent tied to each topic, and the corpus rate
+    teacher_model = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
+    sae_model = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
+    with autocast:
+        in_sae = topics.topic_features(lambda x: sae_model.encode_pre(teacher_model.hidden(x, cfg.sae_layer))[0], val,
+                                       val_topic, n_topics, block_size, device)
+    corpus_words = topics.words(tok.decode(val.tolist()))
+    for row, topic_words, (latent, latent_corr) in zip(rows, meta["topics"].values(), in_sae):
+        topic_words = set(topic_words)
+        row.update(sae_latent=latent, sae_correlation=latent_corr,
+                   corpus_rate=sum(w in topic_words for w in corpus_words) / len(corpus_words))
     strongest = scales[-1]
     best = max(found, key=lambda row: row[strongest[2]] - row["rate"])
     example = {"topic": best["topic"], "plain": texts[(None, None, None)][0],
