@@ -13,6 +13,7 @@ Local text: every .txt file is one document, every line of a .jsonl file is a do
 
 import argparse
 import glob
+import hashlib
 import json
 import os
 import re
@@ -25,17 +26,39 @@ import topics
 from files import atomic_write, write_text
 
 HF_CORPORA = {"openwebtext": "Skylion007/openwebtext", "openwebmath": "open-web-math/open-web-math"}
+# GPT-2's BPE as OpenAI published it (openaipublic.blob.core.windows.net/gpt-2/encodings/main), kept in the
+# project so that the tokenizer needs no network; the SHA-256 that tiktoken checks on download
+GPT2_BPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer")
+GPT2_BPE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+                   "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
+
+
+def gpt2_encoding():
+    """tiktoken's `gpt2` encoding, built from tokenizer/encoder.json: GPT-2's token ids are its merge ranks.
+    Its keys spell bytes as GPT-2 does: printable bytes as themselves, the others as chr(256), chr(257), ..."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+    for name, digest in GPT2_BPE_SHA256.items():
+        with open(os.path.join(GPT2_BPE, name), "rb") as f:
+            if hashlib.sha256(f.read()).hexdigest() != digest:
+                raise ValueError(f"{GPT2_BPE}/{name} is not GPT-2's (SHA-256 mismatch)")
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    with open(os.path.join(GPT2_BPE, "encoder.json")) as f:
+        ranks = {bytes(byte_of[c] for c in token): i for token, i in json.load(f).items() if token != "<|endoftext|>"}
+    return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
 
 
 class Tokenizer:
-    """`gpt2` (tiktoken's BPE, documents end with <|endoftext|>), `char` (one id per character) or
+    """`gpt2` (GPT-2's BPE through tiktoken, documents end with <|endoftext|>), `char` (one id per character) or
     `words` (one id per word with its leading space, and one per other character)."""
 
     def __init__(self, meta):
         self.name = meta["tokenizer"]
         if self.name == "gpt2":
-            import tiktoken
-            self.enc = tiktoken.get_encoding("gpt2")
+            self.enc = gpt2_encoding()
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         elif self.name in ("char", "words"):
             self.pieces = meta["chars"] if self.name == "char" else meta["words"]

@@ -30,6 +30,31 @@ def test_gpt2_round_trip(tmp_path):
     assert Tokenizer(meta).encode("hello world") == [31373, 995]  # GPT-2's own ids
 
 
+def test_the_bundled_gpt2_bpe_is_gpt2s_without_network(tmp_path, monkeypatch):
+    # transformers' BPE applies vocab.bpe's merges one by one; tiktoken ranks encoder.json's tokens
+    import shutil
+
+    from transformers import AutoTokenizer
+    for name, hf_name in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        shutil.copy(f"{prepare.GPT2_BPE}/{name}", tmp_path / hf_name)
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
+    reference = AutoTokenizer.from_pretrained(str(tmp_path))
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
+    ours = Tokenizer({"tokenizer": "gpt2"})
+    rng = np.random.default_rng(0)
+    texts = ["  Ünïcödé,\tdigits 12345 and emoji 🙂 don't   split 's\n\n",
+             bytes(rng.integers(32, 127, 3000).tolist()).decode(),
+             "".join(chr(c) for c in rng.integers(0x20, 0x2FFF, 2000))]
+    for text in texts:
+        assert ours.encode(text) == reference(text)["input_ids"]
+    (tmp_path / "bpe").mkdir()
+    shutil.copy(f"{prepare.GPT2_BPE}/encoder.json", tmp_path / "bpe")
+    (tmp_path / "bpe" / "vocab.bpe").write_text("#version: 0.2\n")
+    monkeypatch.setattr(prepare, "GPT2_BPE", str(tmp_path / "bpe"))
+    with pytest.raises(ValueError, match="vocab.bpe is not GPT-2's"):
+        Tokenizer({"tokenizer": "gpt2"})
+
+
 def test_char_round_trip(tmp_path):
     (tmp_path / "a.txt").write_text("abc abc\n" * 50)
     (tmp_path / "b.txt").write_text("zyx")
