@@ -23,9 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attribution import LABEL_SETTINGS, LabelCache, load_labeler, load_teacher
 from configurator import configure
+from eval import ALL_TASKS, evaluate, load_docs, val_windows
 from files import atomic_write, metrics_log
 from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint
-from prepare import load_meta
+from prepare import Tokenizer, load_meta
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
 PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
@@ -36,6 +37,8 @@ out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
 init_from = "scratch"  # 'scratch', 'resume' (from out_dir), a GPT-2 size ('gpt2', ...) or a Hugging Face GPT-2 folder
 eval_interval = 1000  # steps between validation and checkpoint
 eval_iters = 50  # validation batches per evaluation
+eval_tasks = ""  # eval.py's tasks also scored at each evaluation, logged as eval_<task>_<metric>: 'val,lambada_openai'
+eval_data_files = ""  # for eval_tasks: a folder of <task>.jsonl with the hub's fields (see eval.py); empty: the hub
 log_interval = 10  # steps between progress lines
 wandb_log = False  # also log to Weights & Biases
 wandb_project = "cocomix"  # wandb project
@@ -129,6 +132,21 @@ for s, n in n_windows.items():
     if n < 1:
         raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than "
                          f"block_size+1={block_size + 1}")
+
+# eval.py's tasks, their documents read now so that a missing one stops the run before it starts
+eval_docs = {}
+if master and eval_tasks:
+    unknown = [t for t in eval_tasks.split(",") if t not in ALL_TASKS]
+    if unknown:
+        raise SystemExit(f"error: eval_tasks: unknown task {', '.join(unknown)}; the tasks: {', '.join(ALL_TASKS)}")
+    try:
+        tokenizer = Tokenizer(meta)
+        eval_docs = {t: val_windows(data_dir, block_size) if t == "val" else load_docs(t, eval_data_files)
+                     for t in eval_tasks.split(",")}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: eval_tasks: {e}")
+    if tokenizer.eot is None and set(eval_docs) - {"val"}:
+        raise SystemExit(f"error: eval_tasks: English tasks need GPT-2's tokenizer; {data_dir} uses {tokenizer.name!r}")
 
 # what the objective needs beside the tokens: concept labels (online from the teacher and SAE, or from a
 # cache made by attribution.py), the teacher's hidden states, or its next-token logits
@@ -324,6 +342,19 @@ def estimate_val():
     return {f"val_{name}": v / eval_iters for name, v in zip(METRICS, sums.tolist())}
 
 
+@torch.no_grad()
+def eval_task_metrics():
+    """eval_tasks' metrics, scored by eval.py on the master process, at the micro-batch's size."""
+    raw_model.eval()
+    out = {}
+    for task, docs in eval_docs.items():
+        for metric, (value, _, _) in evaluate(raw_model, tokenizer, task, docs, autocast, batch_size * block_size,
+                                              progress=False).items():
+            out[f"eval_{task}_{metric}"] = value
+    raw_model.train()
+    return out
+
+
 def rng_states():
     state = {"cpu": torch.get_rng_state()}
     if device_type == "cuda":
@@ -377,6 +408,7 @@ while True:
         val = estimate_val()
         rng = rng_states()
         if master:
+            val.update(eval_task_metrics())
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             log({"step": step, "tokens": step * batch_tokens, **val})
             if step > start_step:

@@ -28,8 +28,8 @@ SHARED = {"sae_layer": "layer", "n_concepts": "n_latents", "sae_k": "k", "label_
           "label_sign": "sign", "label_cache": "cache_dir", "data_dir": "data_root"}
 
 
-@pytest.mark.parametrize("script", ["train.py", "train_sae.py", "attribution.py", "sample.py", "pipeline.py",
-                                    "bench.py"])
+@pytest.mark.parametrize("script", ["train.py", "train_sae.py", "attribution.py", "sample.py", "eval.py",
+                                    "pipeline.py", "bench.py"])
 def test_every_script_lists_its_settings_under_the_shared_names(script):
     out = run(script, "--help").stdout
     listed = re.findall(r"^  --(\w+) ", out, flags=re.M)
