@@ -135,7 +135,7 @@ for s, n in n_windows.items():
 
 # eval.py's tasks, their documents read now so that a missing one stops the run before it starts
 eval_docs = {}
-if master and eval_tasks:
+if eval_tasks:
     unknown = [t for t in eval_tasks.split(",") if t not in ALL_TASKS]
     if unknown:
         raise SystemExit(f"error: eval_tasks: unknown task {', '.join(unknown)}; the tasks: {', '.join(ALL_TASKS)}")
@@ -344,7 +344,8 @@ def estimate_val():
 
 @torch.no_grad()
 def eval_task_metrics():
-    """eval_tasks' metrics, scored by eval.py on the master process, at the micro-batch's size."""
+    """eval_tasks' metrics, scored by eval.py at the micro-batch's size. Every process does the whole of this
+    same work, so that all reach the next collective together (a master-only evaluation under DDP can hang)."""
     raw_model.eval()
     out = {}
     for task, docs in eval_docs.items():
@@ -405,10 +406,9 @@ sums, sum_steps = torch.zeros(len(METRICS), dtype=torch.float64, device=device),
 while True:
     last = step >= max_iters
     if (step % eval_interval == 0 and (step > start_step or init_from != "resume")) or last:
-        val = estimate_val()
+        val = {**estimate_val(), **eval_task_metrics()}
         rng = rng_states()
         if master:
-            val.update(eval_task_metrics())
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
             log({"step": step, "tokens": step * batch_tokens, **val})
             if step > start_step:

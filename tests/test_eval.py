@@ -239,15 +239,19 @@ def cached_loglikelihood(model, tokens, n):
     return total
 
 
-@pytest.mark.parametrize("mixing", ["interleave", "residual_slot", "add"])
-def test_a_cocomix_model_is_scored_as_it_generates(mixing):
+@pytest.mark.parametrize("slot", [dict(n_concepts=64, concept_topk=4, mixing="interleave"),
+                                  dict(n_concepts=64, concept_topk=4, mixing="residual_slot"),
+                                  dict(n_concepts=64, concept_topk=4, mixing="add"),
+                                  dict(pause=True), dict(hidden_size=16)])
+def test_a_model_with_a_slot_is_scored_as_it_generates(slot):
     torch.manual_seed(0)
     config = dict(n_layer=3, n_head=2, n_embd=32, block_size=24, vocab_size=50, bias=True)
-    model = GPT(GPTConfig(**config, n_concepts=64, concept_topk=4, concept_layer=1, mixing=mixing)).eval()
-    # a trained model's concepts, not an initialisation's near-zero ones
+    model = GPT(GPTConfig(**config, concept_layer=1, **slot)).eval()
+    # a trained model's concepts (or pause vector), not an initialisation's near-zero ones
     with torch.no_grad():
-        for p in model.concepts.parameters():
-            p.normal_(std=0.3)
+        for name, p in model.named_parameters():
+            if name.startswith(("concepts.", "pause")):
+                p.normal_(std=0.3)
     plain = GPT(GPTConfig(**config)).eval()
     plain.load_state_dict(model.state_dict(), strict=False)
     g = torch.Generator().manual_seed(1)

@@ -16,6 +16,7 @@ def metrics(out):
         lines = [json.loads(line) for line in f]
     train = [(m["step"], m["train_loss"]) for m in lines if "train_loss" in m]
     val = [(m["step"], m["val_loss"]) for m in lines if "val_loss" in m]
+    val += [(m["step"], m["eval_val_loss"]) for m in lines if "eval_val_loss" in m]
     return train, val
 
 
@@ -27,15 +28,17 @@ def test_loss_falls(char_data, tmp_path):
 
 
 def test_two_processes_match_one(char_data, tmp_path):
-    # the same global batch of 8 sequences: one process accumulates 2 x 4, two processes take 4 each
-    run("train.py", *train_args(char_data, tmp_path / "one"))
+    # the same global batch of 8 sequences: one process accumulates 2 x 4, two processes take 4 each; eval.py's
+    # val task too, which every process scores
+    run("train.py", *train_args(char_data, tmp_path / "one", eval_tasks="val"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *train_args(char_data, tmp_path / "two")],
+                           os.path.join(ROOT, "train.py"), *train_args(char_data, tmp_path / "two", eval_tasks="val")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 process(es) x 1 accumulation step(s)" in proc.stdout
     (train1, val1), (train2, val2) = metrics(tmp_path / "one"), metrics(tmp_path / "two")
     assert [s for s, _ in train1] == [s for s, _ in train2] == list(range(1, 13))
+    assert [s for s, _ in val1] == [s for s, _ in val2] == [0, 4, 8, 12] * 2
     for (_, a), (_, b) in zip(train1 + val1, train2 + val2):
         assert a == pytest.approx(b, rel=1e-5)
     assert train1[-1][1] < train1[0][1] - 0.3  # it learned, so the match is not of two idle runs
