@@ -446,7 +446,10 @@ class GPT(nn.Module):
             from safetensors.torch import load_file
             sd_hf = load_file(os.path.join(folder, "model.safetensors"))
         elif os.path.exists(os.path.join(folder, "pytorch_model.bin")):
-            sd_hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            try:
+                sd_hf = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise ValueError(f"{folder}/pytorch_model.bin is not a readable weights file: {e}") from None
         else:
             raise ValueError(f"{folder} holds neither model.safetensors nor pytorch_model.bin")
         model = cls(config)

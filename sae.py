@@ -19,6 +19,8 @@ OPENAI_SAE_URL = ("https://openaipublic.blob.core.windows.net/sparse-autoencoder
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 KEYS = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "stats_last_nonzero",
         "latents_activation_frequency", "latents_mean_square", "activation", "activation_state_dict")
+# training statistics: encoding and decoding do not read them, and files converted by other tools lack them
+STATS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 
 
 class TopKSAE(nn.Module):
@@ -91,15 +93,34 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def from_state_dict(cls, sd, source="state dict"):
-        missing = [k for k in KEYS if k not in sd]
+        """The SAE of a state dict in OpenAI's format, checked key by key; the training statistics are
+        optional (zeros where absent)."""
+        missing = [k for k in KEYS if k not in sd and k not in STATS]
         if missing:
             raise ValueError(f"{source} is not a TopK SAE file: missing {', '.join(missing)}")
-        if sd["activation"] != "TopK" or sd["activation_state_dict"].get("postact_fn", "ReLU") != "ReLU":
+        act = sd["activation_state_dict"]
+        if sd["activation"] != "TopK" or not isinstance(act, dict) or act.get("postact_fn", "ReLU") != "ReLU":
             raise ValueError(f"{source}: only TopK SAEs with a ReLU after the TopK are supported, "
-                             f"not {sd['activation']}")
+                             f"not {sd['activation']!r} with {act!r}")
+        weights = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight")
+        for key in weights + tuple(k for k in STATS if k in sd):
+            if not torch.is_tensor(sd[key]):
+                raise ValueError(f"{source}: {key} is a {type(sd[key]).__name__}, not a tensor")
+        for key in weights:
+            if not sd[key].is_floating_point():
+                raise ValueError(f"{source}: {key} holds {sd[key].dtype}, not floating-point numbers")
+        if sd["encoder.weight"].dim() != 2:
+            raise ValueError(f"{source}: encoder.weight has shape {tuple(sd['encoder.weight'].shape)}, not (C, d)")
         n_concepts, d_model = sd["encoder.weight"].shape
-        sae = cls(n_concepts, d_model, sd["activation_state_dict"]["k"])
-        sae.load_state_dict(sd)
+        k = act.get("k")
+        if type(k) is not int or not 0 < k <= n_concepts:
+            raise ValueError(f"{source}: k = {k!r} is not a count of latents in [1, {n_concepts}]")
+        sae = cls(n_concepts, d_model, k)
+        try:
+            sae.load_state_dict({**{key: v for key, v in sae.state_dict().items() if key in STATS}, **sd})
+        except RuntimeError as e:
+            raise ValueError(f"{source} does not hold one TopK SAE of {n_concepts} latents on width {d_model}: "
+                             f"{' '.join(str(e).split())}") from None
         return sae
 
     @classmethod

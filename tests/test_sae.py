@@ -1,4 +1,5 @@
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -83,6 +84,49 @@ def test_refuses_files_that_are_not_saes(tmp_path):
         TopKSAE.load(str(tmp_path / "d.pt"))
     with pytest.raises(FileNotFoundError):
         TopKSAE.load(str(tmp_path / "missing.pt"))
+
+
+def test_loads_files_without_the_training_statistics(tmp_path):
+    sd = openai_file(tmp_path / "a.pt")
+    for key in ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square"):
+        del sd[key]
+    torch.save(sd, tmp_path / "b.pt")
+    x = torch.randn(20, 24)
+    c_pre, c, x_hat = TopKSAE.load(str(tmp_path / "a.pt"))(x)
+    again = TopKSAE.load(str(tmp_path / "b.pt"))
+    assert all(torch.equal(a, b) for a, b in zip((c_pre, c, x_hat), again(x)))
+    assert again.latents_mean_square.abs().sum() == 0
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda sd: sd.update({"encoder.weight": sd["encoder.weight"][:, :10]}), "does not hold one TopK SAE"),
+    (lambda sd: sd.update({"decoder.weight": sd["decoder.weight"].t()}), "does not hold one TopK SAE"),
+    (lambda sd: sd.update({"latent_bias": torch.zeros(3)}), "does not hold one TopK SAE"),
+    (lambda sd: sd.update({"encoder.weight": sd["encoder.weight"].long()}), "holds torch.int64, not floating"),
+    (lambda sd: sd.update({"pre_bias": [0.0] * 24}), "pre_bias is a list, not a tensor"),
+    (lambda sd: sd.update({"encoder.weight": torch.zeros(64)}), "encoder.weight has shape (64,)"),
+    (lambda sd: sd.update({"activation_state_dict": {"k": 0}}), "k = 0 is not a count"),
+    (lambda sd: sd.update({"activation_state_dict": {"k": "5"}}), "k = '5' is not a count"),
+    (lambda sd: sd.update({"activation_state_dict": 5}), "only TopK SAEs"),
+    (lambda sd: sd.update({"activation": "ReLU"}), "only TopK SAEs"),
+    (lambda sd: sd.update({"extra": torch.zeros(1)}), "does not hold one TopK SAE"),
+])
+def test_refuses_malformed_state_dicts_by_name(tmp_path, change, message):
+    sd = openai_file(tmp_path / "a.pt")
+    change(sd)
+    torch.save(sd, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TopKSAE.load(str(tmp_path / "b.pt"))
+
+
+def test_refuses_truncated_and_random_files(tmp_path):
+    openai_file(tmp_path / "a.pt")
+    data = (tmp_path / "a.pt").read_bytes()
+    rng = np.random.default_rng(0)
+    for i, blob in enumerate([data[:len(data) // 2], data[:100], rng.bytes(5000), b""]):
+        (tmp_path / f"{i}.pt").write_bytes(blob)
+        with pytest.raises(ValueError, match="not a readable SAE file"):
+            TopKSAE.load(str(tmp_path / f"{i}.pt"))
 
 
 def planted(n, atoms, per_sample, generator):
