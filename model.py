@@ -478,12 +478,20 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        """The model of a checkpoint dict written by train.py (see `load_checkpoint`)."""
-        model = cls(GPTConfig(**ckpt["model_args"]))
+        """The model of a checkpoint dict written by train.py (see `load_checkpoint`); a named ValueError for
+        anything else."""
+        args, sd = ckpt["model_args"], ckpt["model"]
         try:
-            model.load_state_dict(ckpt["model"])
+            model = cls(GPTConfig(**args))
+        except (TypeError, AssertionError) as e:
+            raise ValueError(f"the checkpoint's model_args {args!r} do not describe a model: {e}") from None
+        if not isinstance(sd, dict) or not all(torch.is_tensor(v) and v.is_floating_point() for v in sd.values()):
+            raise ValueError("the checkpoint's weights are not a dict of floating-point tensors")
+        try:
+            model.load_state_dict(sd)
         except RuntimeError as e:
-            raise ValueError(f"checkpoint weights do not fit its model_args {ckpt['model_args']}: {e}") from None
+            raise ValueError(f"checkpoint weights do not fit its model_args {args}: "
+                             f"{' '.join(str(e).split())}") from None
         return model
 
     @classmethod
@@ -561,7 +569,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
-    missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
+    missing = {"model", "model_args", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args", "meta"}
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt

@@ -1,6 +1,7 @@
 import ast
 import glob
 import os
+import re
 
 import pytest
 import torch
@@ -59,3 +60,22 @@ def test_a_pickle_that_runs_code_is_refused_by_every_loader(char_data, concept_p
         proc = run(script, *args, "--device=cpu", check=False)
         assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr, (script, proc.stderr)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("ckpt, message", [
+    ([1, 2], "not a train.py checkpoint (missing meta, model, model_args)"),
+    ({"model": {}, "model_args": {}}, "not a train.py checkpoint (missing meta)"),
+    ({"model": {}, "model_args": {"n_layers": 2}, "meta": {}}, "do not describe a model"),
+    ({"model": {}, "model_args": [2, 2], "meta": {}}, "do not describe a model"),
+    ({"model": {}, "model_args": {"n_embd": 30, "n_head": 4}, "meta": {}}, "do not describe a model"),
+    ({"model": 3, "model_args": {}, "meta": {}}, "not a dict of floating-point tensors"),
+    ({"model": {"lm_head.weight": torch.zeros(3, dtype=torch.long)}, "model_args": {}, "meta": {}},
+     "not a dict of floating-point tensors"),
+    ({"model": {"lm_head.weight": torch.zeros(3, 3)}, "model_args": {}, "meta": {}}, "do not fit its model_args"),
+])
+def test_checkpoint_loader_names_what_is_wrong(tmp_path, ckpt, message):
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPT.from_checkpoint(load_checkpoint(str(tmp_path)))
+    proc = run("eval.py", f"--out_dir={tmp_path}", "--tasks=val", "--device=cpu", check=False)
+    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
