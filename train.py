@@ -399,7 +399,7 @@ def estimate_mfu(tokens_per_s):
 # -----------------------------------------------------------------------------
 # the loop
 
-step = start_step
+step = saved_step = start_step
 t0, t0_step = time.time(), step
 # training metrics summed since the last progress line
 sums, sum_steps = torch.zeros(len(METRICS), dtype=torch.float64, device=device), 0
@@ -413,6 +413,7 @@ while True:
             log({"step": step, "tokens": step * batch_tokens, **val})
             if step > start_step:
                 save_checkpoint(step, rng)
+                saved_step = step
         t0, t0_step = time.time(), step
     if last:
         break
@@ -429,6 +430,14 @@ while True:
                 out = model(x, y, **aux)
             scaler.scale(out.loss / grad_accum).backward()
         sums += metrics(out, aux)
+    # A non-finite loss stops the run before the step reaches the weights, so that the last checkpoint
+    # is the last good state: one host sync per step, and under DDP one all-reduce of a flag.
+    finite = torch.isfinite(sums[:1]).float()
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    if not finite.item():
+        kept = f"the checkpoint of step {saved_step} in {out_dir} is kept" if saved_step else "no checkpoint is written"
+        raise SystemExit(f"error: step {step + 1}: the loss is not finite; stopped: {kept}")
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,6 +69,25 @@ def test_kill_and_resume_ends_where_the_uninterrupted_run_ends(char_data, tmp_pa
     assert resumed == whole  # every logged loss, bit for bit, and no line twice
     done = run("train.py", *train_args(char_data, out, init_from="resume", **args))
     assert "nothing to do" in done.stdout and metrics(out) == whole
+
+
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(char_data, tmp_path):
+    out = tmp_path / "out"
+    run("train.py", *train_args(char_data, out, max_iters=4, eval_interval=4))
+    before = (out / "ckpt.pt").read_bytes()
+    # resumed at a learning rate that blows the weights up within a few steps, before the next checkpoint
+    proc = run("train.py", *train_args(char_data, out, max_iters=12, eval_interval=8, init_from="resume",
+                                       learning_rate=1e6), check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    stop = re.fullmatch(r"error: step (\d+): the loss is not finite; stopped: "
+                        r"the checkpoint of step 4 in (.*) is kept\n", proc.stderr)
+    assert stop and 4 < int(stop[1]) < 8 and stop[2] == str(out)
+    assert (out / "ckpt.pt").read_bytes() == before
+    # every step before it was logged, finite; none after
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in logged if "train_loss" in m]
+    assert [m["step"] for m in train] == list(range(1, int(stop[1])))
+    assert all(math.isfinite(m["train_loss"]) for m in train)
 
 
 def test_fine_tune_from_a_gpt2_folder(char_data, tmp_path):
