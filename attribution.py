@@ -225,9 +225,8 @@ device = "auto"  # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
 
 if __name__ == "__main__":
-    from tqdm import tqdm
-
     from configurator import configure
+    from files import progress
     from model import device_and_autocast
     from prepare import load_meta
 
@@ -264,7 +263,7 @@ if __name__ == "__main__":
             labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape)
             write_header(json_path, header)
         t0, last_save = time.time(), time.time()
-        bar = tqdm(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,
+        bar = progress(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,
                    desc=s)
         for first in range(header["done"], n_windows, batch_size):
             ids = range(first, min(first + batch_size, n_windows))

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from configurator import configure
-from files import write_text
+from files import progress, write_text
 from model import GPT, device_and_autocast, load_checkpoint
 from prepare import Tokenizer, load_meta
 
@@ -78,12 +78,11 @@ def loglikelihoods(model, requests, autocast, batch_tokens, desc=None):
     """(log-likelihood, greedy) of each request (tokens, n): the sum of the last n tokens' log-probabilities
     from one causal pass over the last block_size + 1 tokens (the harness's left truncation), and whether
     each of them is the model's argmax. Longest first, in batches of about batch_tokens, right-padded."""
-    from tqdm import tqdm
     L = model.config.block_size
     dev = next(model.parameters()).device
     order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]))
     results = [None] * len(requests)
-    with tqdm(total=len(requests), desc=desc, unit="req", disable=desc is None) as bar:
+    with progress(total=len(requests), desc=desc, unit="req", disable=desc is None) as bar:
         i = 0
         while i < len(order):
             width = min(len(requests[order[i]][0]) - 1, L)
@@ -305,6 +304,8 @@ def load_model(name):
     size; info: the model's name, its training step and tokens, and its corpus (None for GPT-2)."""
     if name.endswith(".pt") or os.path.exists(os.path.join(name, "ckpt.pt")):
         ckpt = load_checkpoint(name)
+        if "meta" not in ckpt:
+            raise ValueError(f"{name} has no meta (its corpus' tokenizer): it is not a model train.py wrote")
         config = ckpt.get("config", {})
         step = ckpt.get("step")
         info = {"model": name, "step": step, "tokens": step * config["batch_tokens"] if "batch_tokens" in config

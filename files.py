@@ -1,10 +1,12 @@
 """
 Files that survive a crash: each is written whole or not at all, and a run's metrics log holds
-exactly the steps up to its last checkpoint, so that a resumed run logs every step once.
+exactly the steps up to its last checkpoint, so that a resumed run logs every step once. And
+progress bars that a log file can hold.
 """
 
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 
@@ -37,6 +39,13 @@ def metrics_log(out_dir, resume_step=None):
         with open(path, "a") as f:
             f.write(json.dumps(record) + "\n")
     return log
+
+
+def progress(iterable=None, **kwargs):
+    """A tqdm progress bar; where stderr is not a terminal (a log file) it updates once a minute, not ten
+    times a second, so that a long run's log stays readable."""
+    from tqdm import tqdm
+    return tqdm(iterable, mininterval=0.1 if sys.stderr.isatty() else 60, **kwargs)
 
 
 def write_text(path, text):

@@ -569,7 +569,7 @@ def load_checkpoint(path, map_location="cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
     except Exception as e:
         raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
-    missing = {"model", "model_args", "meta"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args", "meta"}
+    missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt

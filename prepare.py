@@ -20,10 +20,8 @@ import re
 import sys
 
 import numpy as np
-from tqdm import tqdm
-
 import topics
-from files import atomic_write, write_text
+from files import atomic_write, progress, write_text
 
 HF_CORPORA = {"openwebtext": "Skylion007/openwebtext", "openwebmath": "open-web-math/open-web-math"}
 # GPT-2's BPE as OpenAI published it (openaipublic.blob.core.windows.net/gpt-2/encodings/main), kept in the
@@ -56,12 +54,14 @@ class Tokenizer:
     `words` (one id per word with its leading space, and one per other character)."""
 
     def __init__(self, meta):
-        self.name = meta["tokenizer"]
+        self.name = meta.get("tokenizer") if isinstance(meta, dict) else None
         if self.name == "gpt2":
             self.enc = gpt2_encoding()
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         elif self.name in ("char", "words"):
-            self.pieces = meta["chars"] if self.name == "char" else meta["words"]
+            self.pieces = meta.get("chars" if self.name == "char" else "words")
+            if not isinstance(self.pieces, (list, str)) or not all(isinstance(p, str) for p in self.pieces):
+                raise ValueError(f"the {self.name} tokenizer's metadata lacks its list of pieces")
             self.stoi = {c: i for i, c in enumerate(self.pieces)}
             self.vocab_size, self.eot = len(self.pieces), None
         else:
@@ -118,7 +118,7 @@ def write_tokens(path, arrays, total, dtype, desc):
     with atomic_write(path) as tmp:
         out = np.memmap(tmp, dtype=dtype, mode="w+", shape=(max(total, 1),))
         pos = 0
-        with tqdm(total=total, desc=desc, unit="tok", unit_scale=True) as bar:
+        with progress(total=total, desc=desc, unit="tok", unit_scale=True) as bar:
             for arr in arrays:
                 out[pos:pos + len(arr)] = arr
                 pos += len(arr)
@@ -183,7 +183,7 @@ def prepare_text(args):
         meta["chars"] = "".join(sorted(set("".join(docs))))
     tok = Tokenizer(meta)
     ids = []
-    for doc in tqdm(docs, desc="tokenizing", unit="doc"):
+    for doc in progress(docs, desc="tokenizing", unit="doc"):
         ids.extend(tok.encode(doc))
         if tok.eot is not None:
             ids.append(tok.eot)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 import topics
-from files import atomic_write, write_text
+from files import atomic_write, progress, write_text
 from model import GPT, GPTConfig, device_and_autocast, load_checkpoint
 from prepare import Tokenizer, load_meta
 from sae import TopKSAE
@@ -117,8 +117,6 @@ def steering(cfg, folder, device, autocast, detail):
     correlates most with it (and the teacher's SAE latent that does), and the share of the topic's
     words in samples with that concept scaled by each of steer_scales, or raised by each of steer_adds,
     against no steering. `detail`: also the samples and the per-topic table."""
-    from tqdm import tqdm
-
     meta = load_meta(cfg.data_dir)
     ckpt = load_checkpoint(folder)
     model, tok = GPT.from_checkpoint(ckpt).to(device).eval(), Tokenizer(ckpt["meta"])
@@ -146,7 +144,7 @@ def steering(cfg, folder, device, autocast, detail):
         return [tok.decode(row) for row in y[:, x.size(1):].tolist()]
 
     conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
-    texts = {cond: generate(*cond) for cond in tqdm(conditions, desc=f"steering {os.path.basename(folder)}",
+    texts = {cond: generate(*cond) for cond in progress(conditions, desc=f"steering {os.path.basename(folder)}",
                                                     unit="condition")}
     rows = []
     for (name, topic_words), (concept, corr) in zip(meta["topics"].items(), tied):

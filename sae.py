@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from files import atomic_write
+from files import atomic_write, progress
 from model import layer_norm
 
 OPENAI_SAE_URL = ("https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
@@ -151,7 +151,6 @@ class TopKSAE(nn.Module):
 def download(url):
     """Fetches `url` once into CACHE_DIR (keeping its last three path parts, e.g.
     resid_post_mlp_v5_32k/autoencoders/5.pt) with a progress bar; the file appears only when complete."""
-    from tqdm import tqdm
     parts = url.rstrip("/").split("/")
     path = os.path.join(CACHE_DIR, *parts[-3:])
     if os.path.exists(path):
@@ -163,7 +162,7 @@ def download(url):
         with atomic_write(path, f"{path}.{os.getpid()}.tmp") as tmp, urllib.request.urlopen(url) as r, \
                 open(tmp, "wb") as f:
             size = int(r.headers.get("Content-Length", 0)) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=parts[-1]) as bar:
+            with progress(total=size, unit="B", unit_scale=True, desc=parts[-1]) as bar:
                 while block := r.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))

@@ -63,6 +63,8 @@ torch.manual_seed(seed)
 try:
     if init_from == "resume":
         ckpt = load_checkpoint(out_dir)
+        if "meta" not in ckpt:
+            raise ValueError(f"{out_dir} has no meta (its corpus' tokenizer): it is not a model train.py wrote")
         model, tokenizer = GPT.from_checkpoint(ckpt), Tokenizer(ckpt["meta"])
         del ckpt
     else:

@@ -11,10 +11,9 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from configurator import configure
-from files import atomic_write, metrics_log
+from files import atomic_write, metrics_log, progress
 from model import GPT, device_and_autocast
 from prepare import load_meta
 from sae import TopKSAE, evaluate, init_pre_bias, make_optimizer, train_step
@@ -96,7 +95,7 @@ log = metrics_log(out_dir, start if init_from == "resume" else None)
 # the loop
 
 t0 = time.time()
-bar = tqdm(range(start, max_iters), initial=start, total=max_iters, desc="sae")
+bar = progress(range(start, max_iters), initial=start, total=max_iters, desc="sae")
 for step in bar:
     x = activations("train", data_rng)
     m = train_step(sae, optimizer, x, k_aux, aux_coef, dead_tokens)
@@ -106,7 +105,7 @@ for step in bar:
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
         val = {f"val_{k}": v for k, v in evaluate(sae, val_x).items()}
         log({"step": step + 1, **m, **val, "tok_per_s": tok_s})
-        tqdm.write(f"step {step + 1}: val nmse {val['val_nmse']:.4f}, fve {val['val_fve']:.3f}, "
+        bar.write(f"step {step + 1}: val nmse {val['val_nmse']:.4f}, fve {val['val_fve']:.3f}, "
                    f"dead {m['dead_frac']:.1%}, {tok_s:,.0f} tok/s")
         ckpt = {"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                 "data_rng": data_rng.get_state(), "config": config}

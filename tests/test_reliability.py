@@ -2,12 +2,14 @@ import ast
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import ROOT, run
-from model import GPT, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint
 from sae import TopKSAE
 from test_model import hf_gpt2
 
@@ -63,8 +65,8 @@ def test_a_pickle_that_runs_code_is_refused_by_every_loader(char_data, concept_p
 
 
 @pytest.mark.parametrize("ckpt, message", [
-    ([1, 2], "not a train.py checkpoint (missing meta, model, model_args)"),
-    ({"model": {}, "model_args": {}}, "not a train.py checkpoint (missing meta)"),
+    ([1, 2], "not a train.py checkpoint (missing model, model_args)"),
+    ({"model": {}, "model_args": {}, "meta": {}, "optimizer": 1}, "do not fit its model_args"),
     ({"model": {}, "model_args": {"n_layers": 2}, "meta": {}}, "do not describe a model"),
     ({"model": {}, "model_args": [2, 2], "meta": {}}, "do not describe a model"),
     ({"model": {}, "model_args": {"n_embd": 30, "n_head": 4}, "meta": {}}, "do not describe a model"),
@@ -77,5 +79,26 @@ def test_checkpoint_loader_names_what_is_wrong(tmp_path, ckpt, message):
     torch.save(ckpt, tmp_path / "ckpt.pt")
     with pytest.raises(ValueError, match=re.escape(message)):
         GPT.from_checkpoint(load_checkpoint(str(tmp_path)))
-    proc = run("eval.py", f"--out_dir={tmp_path}", "--tasks=val", "--device=cpu", check=False)
-    assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+    for script in ("eval.py", "sample.py"):
+        proc = run(script, f"--out_dir={tmp_path}", "--device=cpu", check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_checkpoint_without_meta_cannot_be_read_as_text(tmp_path):
+    torch.save({"model": GPT(GPTConfig(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=10)).state_dict(),
+                "model_args": dict(n_layer=1, n_head=1, n_embd=8, block_size=8, vocab_size=10)}, tmp_path / "ckpt.pt")
+    for script in ("eval.py", "sample.py"):
+        proc = run(script, f"--out_dir={tmp_path}", "--device=cpu", check=False)
+        assert proc.returncode == 1 and "has no meta (its corpus' tokenizer)" in proc.stderr
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    for meta, message in (({}, "unknown tokenizer None"), ({"tokenizer": "char"}, "lacks its list of pieces")):
+        torch.save({**state, "meta": meta}, tmp_path / "ckpt.pt")
+        proc = run("sample.py", f"--out_dir={tmp_path}", "--device=cpu", check=False)
+        assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_progress_bars_do_not_flood_a_log():
+    # stderr is a pipe, as in a log file: 3 s of updates every 10 ms (a terminal would get 30 redraws)
+    code = "import time\nfrom files import progress\nfor _ in progress(range(300)):\n    time.sleep(0.01)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0 and "300/300" in proc.stderr and proc.stderr.count("\r") <= 3, proc.stderr

@@ -129,7 +129,7 @@ def test_bad_checkpoints(char_data, tmp_path):
     resume = train_args(char_data, out, init_from="resume")
     assert "not a readable checkpoint (truncated or corrupt?)" in failure(*resume)
     torch.save({"weights": 1}, out / "ckpt.pt")
-    assert "not a train.py checkpoint (missing meta, model, model_args)" in failure(*resume)
+    assert "not a train.py checkpoint (missing model, model_args)" in failure(*resume)
 
 
 def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_parts, tmp_path):
