@@ -89,12 +89,19 @@ def configure(g, argv=None):
             raise SystemExit(0)
         if not arg.startswith("--"):
             try:
-                with open(arg) as f:
+                with open(arg, encoding="utf-8") as f:
                     source = f.read()
-            except OSError as e:
-                raise SystemExit(f"error: cannot read config file {arg}: {e.strerror}")
+            except UnicodeDecodeError:
+                raise SystemExit(f"error: config file {arg} is not UTF-8 text") from None
+            # OSError: no such file, a folder, ...; ValueError: a name with a NUL byte
+            except (OSError, ValueError) as e:
+                raise SystemExit(f"error: cannot read config file {arg!r}: {getattr(e, 'strerror', None) or e}")
             ns = {}
-            exec(compile(source, arg, "exec"), ns)
+            # a config file is Python, run as it is; what it gets wrong is said in one line
+            try:
+                exec(compile(source, arg, "exec"), ns)
+            except Exception as e:
+                raise SystemExit(f"error: config file {arg} fails: {type(e).__name__}: {e}") from None
             for key, value in ns.items():
                 if key.startswith("_") or callable(value) or type(value).__name__ == "module":
                     continue

@@ -13,7 +13,7 @@ Samples text from a trained model, steers its concepts, and inspects them.
 import torch
 
 from configurator import configure
-from model import GPT, STEER_MODES, device_and_autocast, load_checkpoint
+from model import GPT, STEER_MODES, device_and_autocast, load_checkpoint, parse_steer
 from prepare import Tokenizer
 from sae import TopKSAE, steering_hook
 
@@ -36,22 +36,6 @@ device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
 configure(globals())
 # -----------------------------------------------------------------------------
-
-
-def parse_steer(text, n_concepts):
-    """'12783=5,19193=-3' -> {12783: 5.0, 19193: -3.0}, every index in [0, n_concepts)."""
-    scales = {}
-    for item in filter(None, text.split(",")):
-        index, eq, scale = item.partition("=")
-        try:
-            index, scale = int(index), float(scale)
-        except ValueError:
-            raise SystemExit(f"error: --steer takes CONCEPT=SCALE pairs separated by commas, e.g. 12783=5,19193=-3; "
-                             f"got {item!r}")
-        if not eq or not 0 <= index < n_concepts:
-            raise SystemExit(f"error: --steer {item!r}: the concept index must be in [0, {n_concepts})")
-        scales[index] = scale
-    return scales
 
 
 if steer_mode not in STEER_MODES:
@@ -100,12 +84,18 @@ if sae_steer:
         raise SystemExit(f"error: the SAE (width {sae_model.d_model}) does not fit block {sae_layer} of this model "
                          f"({model.config.n_layer} blocks of width {model.config.n_embd})")
     if steer:
-        hook = steering_hook(sae_model, parse_steer(steer, sae_model.n_concepts))
+        try:
+            hook = steering_hook(sae_model, parse_steer(steer, sae_model.n_concepts))
+        except ValueError as e:
+            raise SystemExit(f"error: --steer {e}")
         model.transformer.h[sae_layer].register_forward_hook(hook)
 elif steer:
     if mixer is None:
         raise SystemExit(f"error: --steer: {NO_CONCEPTS}; for GPT-2 and an SAE use --sae_steer")
-    scales = parse_steer(steer, model.config.n_concepts)
+    try:
+        scales = parse_steer(steer, model.config.n_concepts)
+    except ValueError as e:
+        raise SystemExit(f"error: --steer {e}")
 if show_concepts and mixer is None:
     raise SystemExit(f"error: --show_concepts: {NO_CONCEPTS}")
 

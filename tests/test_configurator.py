@@ -55,7 +55,7 @@ def test_config_file_then_overrides(g, tmp_path):
     (["--compile=maybe"], "compile must be bool"),
     (["--batch_size"], "--batch_size needs a value"),
     (["--out_dir", "--compile=False"], "--out_dir needs a value"),
-    (["missing_config.py"], "cannot read config file missing_config.py"),
+    (["missing_config.py"], "cannot read config file 'missing_config.py'"),
 ])
 def test_errors(g, argv, message):
     with pytest.raises(SystemExit) as e:

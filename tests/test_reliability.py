@@ -1,15 +1,23 @@
 import ast
 import glob
+import json
+import math
 import os
 import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+import prepare
+from configurator import configure
 from conftest import ROOT, run
-from model import GPT, GPTConfig, load_checkpoint
+from model import GPT, GPTConfig, load_checkpoint, parse_steer
+from prepare import Tokenizer
 from sae import TopKSAE
 from test_model import hf_gpt2
 
@@ -102,3 +110,77 @@ def test_progress_bars_do_not_flood_a_log():
     code = "import time\nfrom files import progress\nfor _ in progress(range(300)):\n    time.sleep(0.01)"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0 and "300/300" in proc.stderr and proc.stderr.count("\r") <= 3, proc.stderr
+
+
+# Hostile and malformed input on the command-line surfaces: a setting applied with its default's type, or
+# a one-line error; never a traceback.
+SETTINGS = {"batch_size": 16, "learning_rate": 6e-4, "compile": True, "out_dir": "out", "init_from": None}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=20), st.sampled_from(["--batch_size", "--compile", "--out_dir"]),
+                          st.builds("--{}={}".format, st.sampled_from(sorted(SETTINGS)), st.text(max_size=12))),
+                max_size=5))
+def test_any_override_is_applied_with_its_type_or_refused_in_one_line(argv):
+    g = {**SETTINGS, "__file__": os.path.join(ROOT, "configurator.py")}
+    try:
+        result = configure(g, argv)
+    except SystemExit as e:
+        assert e.code == 0 or (str(e.code).startswith("error: ") and "\n" not in str(e.code)), e.code
+        return
+    for key, default in SETTINGS.items():
+        # a None default takes any value; the others keep their type
+        assert default is None or type(result[key]) is type(default), (key, result[key])
+
+
+def test_a_broken_config_file_is_one_line(tmp_path):
+    for source, message in ((b"batch_size = (", "fails: SyntaxError"),
+                            (b"import nothing_here", "fails: ModuleNotFound"),
+                            (b"\xff\xfe\x00", "is not UTF-8 text")):
+        (tmp_path / "cfg.py").write_bytes(source)
+        with pytest.raises(SystemExit, match=message):
+            configure({**SETTINGS, "__file__": "x"}, [str(tmp_path / "cfg.py")])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=30), st.lists(st.tuples(st.integers(-5, 300), st.floats()), max_size=4).map(
+    lambda pairs: ",".join(f"{i}={s}" for i, s in pairs))))
+def test_any_steer_text_parses_to_valid_concepts_or_a_named_error(text):
+    try:
+        scales = parse_steer(text, 256)
+    except ValueError as e:
+        assert "\n" not in str(e)
+        return
+    assert all(0 <= i < 256 and math.isfinite(s) for i, s in scales.items())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(files=st.lists(st.one_of(st.binary(max_size=300), st.text(max_size=300).map(str.encode),
+                                st.text(max_size=100).map(lambda t: t.encode("utf-16")),
+                                st.just(b""), st.just(b"x" * 300_000 + b"\n")), min_size=1, max_size=3),
+       tokenizer=st.sampled_from(["char", "gpt2"]))
+def test_prepare_text_takes_any_bytes_or_refuses_in_one_line(tmp_path, files, tokenizer):
+    folder = tmp_path / os.urandom(6).hex()
+    folder.mkdir()
+    for i, blob in enumerate(files):
+        (folder / f"{i}.txt").write_bytes(blob)
+    try:
+        prepare.main(["text", "--input", str(folder / "*.txt"), "--data_dir", str(folder / "data"), "--tokenizer",
+                      tokenizer])
+    except SystemExit as e:
+        assert str(e.code).startswith("error: ") and "\n" not in str(e.code), e.code
+        assert not (folder / "data" / "meta.json").exists()
+        return
+    # what was kept reads back: every UTF-8 document that is not blank, in order, each with its separator
+    meta = json.loads((folder / "data" / "meta.json").read_text())
+    tok = Tokenizer(meta)
+    ids = np.concatenate([np.fromfile(folder / "data" / f"{s}.bin", dtype=meta["dtype"]) for s in ("train", "val")])
+    kept = []
+    for i in range(len(files)):
+        try:
+            text = (folder / f"{i}.txt").read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        if text.strip():
+            kept.append(text + ("<|endoftext|>" if tokenizer == "gpt2" else "" if text.endswith("\n") else "\n"))
+    assert tok.decode(ids.tolist()) == "".join(kept)

@@ -84,8 +84,9 @@ def test_steering_the_teachers_sae_latent(concept_parts):
 
 @pytest.mark.parametrize("args, message", [
     (["--steer", "256=2"], "the concept index must be in [0, 256)"),
-    (["--steer", "3:2"], "--steer takes CONCEPT=SCALE pairs"),
-    (["--steer", "x=2"], "--steer takes CONCEPT=SCALE pairs"),
+    (["--steer", "3:2"], "--steer takes CONCEPT=AMOUNT pairs"),
+    (["--steer", "x=2"], "--steer takes CONCEPT=AMOUNT pairs"),
+    (["--steer", "3=nan"], "--steer '3=nan': the amount must be a finite number"),
     (["--sae_steer", "--steer", "3=2"], "--sae_steer steers a plain GPT"),
     (["--steer", "3=2", "--steer_mode=shift"], "steer_mode must be one of scale, add"),
 ])
