@@ -5,6 +5,7 @@ its training step is here too; train_sae.py trains one on a teacher's residual s
 """
 
 import os
+import urllib.parse
 import urllib.request
 
 import torch
@@ -17,6 +18,7 @@ from model import layer_norm
 OPENAI_SAE_URL = ("https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
                   "resid_post_mlp_v5_32k/autoencoders/{layer}.pt")
 CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 KEYS = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "stats_last_nonzero",
         "latents_activation_frequency", "latents_mean_square", "activation", "activation_state_dict")
 # training statistics: encoding and decoding do not read them, and files converted by other tools lack them
@@ -131,9 +133,14 @@ class TopKSAE(nn.Module):
             raise ValueError("the 'openai' SAE needs the block it reads: TopKSAE.load('openai', sae_layer)")
         if name == "openai":
             name = OPENAI_SAE_URL.format(layer=sae_layer)
-        path = download(name) if name.startswith(("http://", "https://")) else name
+        path = download(name, check=cls.read) if "://" in name else name
         if not os.path.exists(path):
             raise FileNotFoundError(f"no SAE file at {path}")
+        return cls.read(path)
+
+    @classmethod
+    def read(cls, path):
+        """The SAE in a local file, read weights-only and checked (from_state_dict)."""
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
@@ -148,9 +155,14 @@ class TopKSAE(nn.Module):
             torch.save(sd, tmp)
 
 
-def download(url):
+def download(url, check):
     """Fetches `url` once into CACHE_DIR (keeping its last three path parts, e.g.
-    resid_post_mlp_v5_32k/autoencoders/5.pt) with a progress bar; the file appears only when complete."""
+    resid_post_mlp_v5_32k/autoencoders/5.pt) with a progress bar. Over https only (or http from this
+    machine's loopback, where no network sits between); the file enters the cache only whole, and only
+    once `check(path)` accepts it (it raises ValueError otherwise)."""
+    address = urllib.parse.urlsplit(url)
+    if address.scheme != "https" and not (address.scheme == "http" and address.hostname in LOOPBACK):
+        raise ValueError(f"{url}: downloads go over https only")
     parts = url.rstrip("/").split("/")
     path = os.path.join(CACHE_DIR, *parts[-3:])
     if os.path.exists(path):
@@ -166,6 +178,11 @@ def download(url):
                 while block := r.read(1 << 20):
                     f.write(block)
                     bar.update(len(block))
+            f.close()
+            try:
+                check(tmp)
+            except ValueError as e:
+                raise ValueError(f"{url} is refused, and not cached: {e}") from None
     except OSError as e:
         raise ValueError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
     return path

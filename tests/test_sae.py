@@ -1,4 +1,5 @@
 import json
+import os
 import re
 from dataclasses import asdict
 
@@ -210,12 +211,21 @@ def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{server.server_address[1]}/resid_post_mlp_v5_32k/autoencoders/5.pt"
+    # a file that is not an SAE (here cut short) is refused and never enters the cache
+    data = (served / "5.pt").read_bytes()
+    (served / "6.pt").write_bytes(data[:len(data) // 2])
     try:
         first, second = TopKSAE.load(url), TopKSAE.load(url)
+        with pytest.raises(ValueError, match="6.pt is refused, and not cached: .* is not a readable SAE file"):
+            TopKSAE.load(url.replace("5.pt", "6.pt"))
     finally:
         server.shutdown()
-    assert len(requests) == 1  # the second load reads the cache
+    assert len(requests) == 2  # the second load of 5.pt reads the cache
     assert (tmp_path / "cache" / "resid_post_mlp_v5_32k" / "autoencoders" / "5.pt").exists()
+    assert os.listdir(tmp_path / "cache" / "resid_post_mlp_v5_32k" / "autoencoders") == ["5.pt"]
+    # plain http reaches this machine's loopback only
+    with pytest.raises(ValueError, match="downloads go over https only"):
+        TopKSAE.load("http://example.com/resid_post_mlp_v5_32k/autoencoders/5.pt")
     assert torch.equal(first.encoder.weight, sd["encoder.weight"])
     assert torch.equal(second.decoder.weight, sd["decoder.weight"])
 
