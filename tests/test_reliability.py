@@ -3,9 +3,11 @@ import glob
 import json
 import math
 import os
+import random
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -184,3 +186,53 @@ def test_prepare_text_takes_any_bytes_or_refuses_in_one_line(tmp_path, files, to
         if text.strip():
             kept.append(text + ("<|endoftext|>" if tokenizer == "gpt2" else "" if text.endswith("\n") else "\n"))
     assert tok.decode(ids.tolist()) == "".join(kept)
+
+
+def killed_until_done(script, args, rerun_args, ckpt, seed, kills=3):
+    """Runs a script, SIGKILLs it at a random moment once `ckpt` exists, reruns it with `rerun_args` added and
+    kills it again at a random moment, `kills` times in all; the last rerun ends by itself."""
+    rng = random.Random(seed)
+    for attempt in range(kills + 1):
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args),
+                                 *(map(str, rerun_args) if attempt else [])],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        if attempt == kills:
+            _, err = proc.communicate()
+            assert proc.returncode == 0, err
+            return
+        while not os.path.exists(ckpt) and proc.poll() is None:
+            time.sleep(0.02)
+        time.sleep(rng.uniform(0, 1.0))
+        assert proc.poll() is None, f"the run ended before kill {attempt + 1}: {proc.communicate()[1]}"
+        proc.kill()
+        proc.communicate()
+
+
+def test_sigkill_anywhere_in_sae_training_resumes_to_the_same_sae(char_data, concept_parts, tmp_path):
+    # a checkpoint every step, so that kills land in writes too
+    args = [f"--teacher={concept_parts / 'teacher'}", f"--data_dir={char_data}", "--sae_layer=0", "--n_concepts=64",
+            "--sae_k=4", "--k_aux=8", "--dead_tokens=256", "--block_size=32", "--batch_size=8", "--eval_interval=1",
+            "--max_iters=300", "--device=cpu"]
+    run("train_sae.py", *args, f"--out_dir={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    killed_until_done("train_sae.py", [*args, f"--out_dir={killed}"], ["--init_from=resume"], killed / "ckpt.pt",
+                      seed=0)
+    whole, again = (torch.load(tmp_path / d / "sae.pt", weights_only=True) for d in ("whole", "killed"))
+    assert all(torch.equal(whole[k], again[k]) for k in whole if torch.is_tensor(whole[k]))
+    # every step logged once, with the same numbers (but the speed)
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "tok_per_s"} for line in open(d / "metrics.jsonl")]
+            for d in (tmp_path / "whole", killed)]
+    assert logs[0] == logs[1] and [m["step"] for m in logs[1]] == list(range(1, 301))
+    assert not list(killed.glob("*.tmp"))
+
+
+def test_sigkill_anywhere_in_labelling_resumes_to_the_same_cache(char_data, concept_parts, tmp_path):
+    args = [f"--data_dir={char_data}", f"--teacher={concept_parts / 'teacher'}",
+            f"--sae={concept_parts / 'sae' / 'sae.pt'}", "--sae_layer=0", "--block_size=32", "--split=both",
+            "--batch_size=1", "--device=cpu"]
+    run("attribution.py", *args, f"--label_cache={tmp_path / 'whole'}")
+    killed = tmp_path / "killed"
+    killed_until_done("attribution.py", [*args, f"--label_cache={killed}"], [], killed / "train.json", seed=2)
+    for name in ("train.bin", "val.bin", "train.json", "val.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (killed / name).read_bytes(), name
