@@ -370,8 +370,13 @@ def rng_states():
 def save_checkpoint(step, rng):
     ckpt = {"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "model_args": model_args, "config": config, "meta": meta, "step": step, "rng": rng}
-    with atomic_write(os.path.join(out_dir, "ckpt.pt")) as tmp:
-        torch.save(ckpt, tmp)
+    # a failed write (a full disk) stops the run and leaves the last checkpoint as it was
+    try:
+        with atomic_write(os.path.join(out_dir, "ckpt.pt")) as tmp:
+            torch.save(ckpt, tmp)
+    except (OSError, RuntimeError) as e:
+        kept = f"the checkpoint of step {saved_step} is kept" if saved_step else "no checkpoint is written"
+        raise SystemExit(f"error: step {step}: cannot write {out_dir}/ckpt.pt ({' '.join(str(e).split())}); {kept}")
 
 
 if master:

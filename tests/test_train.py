@@ -90,6 +90,23 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(char_data
     assert all(math.isfinite(m["train_loss"]) for m in train)
 
 
+def test_a_failed_checkpoint_write_stops_the_run_and_keeps_the_last(char_data, tmp_path):
+    import resource
+    out = tmp_path / "out"
+    run("train.py", *train_args(char_data, out, max_iters=4, eval_interval=4))
+    before = (out / "ckpt.pt").read_bytes()
+    # a full disk, as a file-size limit: the next checkpoint cannot be written whole
+    limit = len(before) // 2
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"),
+                           *train_args(char_data, out, max_iters=8, eval_interval=4, init_from="resume")],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: step 8: cannot write {out}/ckpt.pt (" in proc.stderr
+    assert proc.stderr.rstrip().endswith("; the checkpoint of step 4 is kept")
+    assert (out / "ckpt.pt").read_bytes() == before and not list(out.glob("*.tmp"))
+
+
 def test_fine_tune_from_a_gpt2_folder(char_data, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
