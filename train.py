@@ -99,9 +99,17 @@ if ddp:
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    # torchrun's store (hosted by its agent, or else by rank 0), its keys under a prefix per restart: the
+    # workers of a job that torchrun --max-restarts restarted read stale addresses from it otherwise (3 of 4
+    # restarts failed so on torch 2.13)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            store=dist.PrefixStore(f"restart_{restart}", store), rank=rank, world_size=world_size)
 else:
-    rank, local_rank, world_size = 0, 0, 1
+    rank, local_rank, world_size, restart = 0, 0, 1, 0
 device, dtype, autocast = device_and_autocast(device, dtype)
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
@@ -232,6 +240,9 @@ resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective",
                "label_source", "label_sign", "label_score", "teacher", "sae_layer", "hidden_loss", "lam_kd")
 old_defaults = {"label_score": "attribution", "hidden_loss": "l2", "lam_kd": 0.1}
 start_step, ckpt = 0, None
+# torchrun --max-restarts reruns the same command after a worker fails: the rerun continues from the checkpoint
+if init_from == "scratch" and restart and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+    init_from = "resume"
 if init_from == "scratch":
     model = GPT(GPTConfig(**model_args))
 elif init_from == "resume":

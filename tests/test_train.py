@@ -46,6 +46,35 @@ def test_two_processes_match_one(char_data, tmp_path):
     assert train1[-1][1] < train1[0][1] - 0.3  # it learned, so the match is not of two idle runs
 
 
+def test_torchrun_restarts_a_killed_worker_from_the_last_checkpoint(char_data, tmp_path):
+    def torchrun(out, *extra):
+        log = open(tmp_path / f"{out.name}.log", "w")
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 *extra, os.path.join(ROOT, "train.py"),
+                                 *train_args(char_data, out, max_iters=60, eval_interval=10)],
+                                env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
+    whole = torchrun(tmp_path / "whole")
+    assert whole.wait() == 0, (tmp_path / "whole.log").read_text()
+    job = torchrun(tmp_path / "killed", "--max-restarts=1")
+    while not (tmp_path / "killed" / "ckpt.pt").exists() and job.poll() is None:
+        time.sleep(0.05)
+    # one worker (rank 1, a child of torchrun) dies mid-run
+    workers = [p for p in os.listdir("/proc") if p.isdigit() and os.path.exists(f"/proc/{p}/stat")
+               and open(f"/proc/{p}/stat").read().split()[3] == str(job.pid)]
+    rank1 = [int(p) for p in workers if "\0RANK=1\0" in "\0" + open(f"/proc/{p}/environ").read()]
+    assert len(workers) == 2 and len(rank1) == 1 and job.poll() is None
+    os.kill(rank1[0], signal.SIGKILL)
+    assert job.wait() == 0, (tmp_path / "killed.log").read_text()
+    log = (tmp_path / "killed.log").read_text()
+    assert "exitcode: -9" in log and log.count("step 0: val_loss") == 1  # restarted, and resumed, not begun again
+    train1, val1 = metrics(tmp_path / "whole")
+    train2, val2 = metrics(tmp_path / "killed")
+    # every step once, with the uninterrupted job's losses
+    assert [s for s, _ in train2] == list(range(1, 61)) and [s for s, _ in val2] == [s for s, _ in val1]
+    for (_, a), (_, b) in zip(train1 + val1, train2 + val2):
+        assert a == pytest.approx(b, rel=1e-6)
+
+
 def test_kill_and_resume_ends_where_the_uninterrupted_run_ends(char_data, tmp_path):
     args = dict(max_iters=150, eval_interval=10, dropout=0.1)  # dropout: the RNG state must resume too
     run("train.py", *train_args(char_data, tmp_path / "whole", **args))
