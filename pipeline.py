@@ -28,6 +28,7 @@ shapes and budgets share the teacher, the SAE and the labels; their report in re
 import hashlib
 import json
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -35,10 +36,18 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
-import report
-import topics
-from files import write_text
-from prepare import load_meta
+# torch's CPU kernels as on every x86 machine, with or without AVX-512 (which rounds otherwise: the teacher's
+# validation loss is 1.4887 with AVX-512 kernels, 1.4881 with AVX2 ones); set before torch loads, here and in
+# every stage this runs. A user's own ATEN_CPU_CAPABILITY wins.
+if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+
+import torch  # noqa: E402
+
+import report  # noqa: E402
+import topics  # noqa: E402
+from files import write_text  # noqa: E402
+from prepare import load_meta  # noqa: E402
 
 out_dir = "out-pipeline"  # every stage's output and the report go here
 data_dir = "data/topics"  # the built-in corpus
@@ -66,7 +75,8 @@ concept_topk = 16  # concepts compressed into the continuous concept
 lam_concept = 0.1  # weight of the concept loss
 student_iters = 300  # steps of each student
 seeds = 3  # seeds 1..seeds, each trains one student of every row
-jobs = 2  # students trained at once, one thread each, logging to their log.txt (1: one at a time, every core)
+jobs = 2  # students trained at once, one thread each, logging to their log.txt (1: one at a time, on `threads`)
+threads = 2  # threads of a stage that runs alone: fixed, not the machine's core count, which would change the bits
 eval_interval = 30  # steps between validation losses (the report's curves) and checkpoints
 eval_iters = 10  # validation batches per evaluation
 steer_samples = 16  # generations per steering condition
@@ -93,20 +103,20 @@ VARIANTS = {
 }
 
 
-def tool(script, *args, log=None, **settings):
-    """Runs one of the project's scripts and waits for it to succeed; with a `log` file, on one thread
-    and into that file, so that several can run at once."""
+def tool(script, *args, threads, log=None, **settings):
+    """Runs one of the project's scripts on `threads` threads and waits for it to succeed; with a `log`
+    file, into that file, so that several can run at once."""
     here = os.path.dirname(os.path.abspath(__file__))
     cmd = [sys.executable, os.path.join(here, script), *args] + [f"--{k}={v}" for k, v in settings.items()]
     line = f"$ python {script} " + " ".join(cmd[2:])
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if log is None:
         print(line, flush=True)
-        code = subprocess.run(cmd).returncode
+        code = subprocess.run(cmd, env=env).returncode
     else:
         with open(log, "a") as f:
             print(line, file=f, flush=True)
-            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         raise SystemExit(f"error: {script} failed (see {log or 'above'}); fix that and rerun `python pipeline.py`")
 
@@ -220,19 +230,20 @@ def make_steps(cfg):
 
     prepare = Step("prepare", "prepare", out("prepare"), [], corpus, outputs=corpus_ready, run=lambda folder: tool(
         "prepare.py", "topics", data_dir=cfg.data_dir, corpus_chars=cfg.corpus_chars, corpus_seed=cfg.corpus_seed,
-        val_fraction=VAL_FRACTION))
+        val_fraction=VAL_FRACTION, threads=cfg.threads))
 
     teacher = Step("teacher", "teacher", teacher_dir, [prepare], {**shape, **settings("teacher_iters")},
                    outputs=exists(os.path.join(teacher_dir, "ckpt.pt")), run=lambda folder: tool(
                        "train.py", out_dir=folder, init_from=resume_from(folder), **train, n_layer=cfg.n_layer,
                        n_embd=cfg.n_embd,
-                       max_iters=cfg.teacher_iters, seed=0))
+                       max_iters=cfg.teacher_iters, seed=0, threads=cfg.threads))
 
     sae = Step("sae", "sae", out("sae"), [teacher], settings("sae_layer", "n_concepts", "sae_k", "sae_iters"),
                outputs=exists(sae_file), run=lambda folder: tool(
                    "train_sae.py", teacher=teacher_dir, sae_layer=cfg.sae_layer, data_dir=cfg.data_dir, out_dir=folder,
                    init_from=resume_from(folder), n_concepts=cfg.n_concepts, sae_k=cfg.sae_k, k_aux=cfg.n_embd // 2,
-                   block_size=cfg.block_size, batch_size=16, max_iters=cfg.sae_iters, eval_interval=100))
+                   block_size=cfg.block_size, batch_size=16, max_iters=cfg.sae_iters, eval_interval=100,
+                   threads=cfg.threads))
 
     def labels_step(name, folder, label_score):
         files = [os.path.join(folder, f"{s}.{e}") for s in ("train", "val") for e in ("bin", "json")]
@@ -240,7 +251,7 @@ def make_steps(cfg):
                     outputs=exists(*files), run=lambda folder: tool(
                         "attribution.py", data_dir=cfg.data_dir, split="both", teacher=teacher_dir, sae=sae_file,
                         sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
-                        label_score=label_score, label_cache=folder))
+                        label_score=label_score, label_cache=folder, threads=cfg.threads))
 
     labels = labels_step("labels", labels_dir, "attribution")
     variants = chosen_variants(cfg)
@@ -255,7 +266,8 @@ def make_steps(cfg):
         """A student's train.py run: the shared settings, then `model()`'s, asked for when it students_dir."""
         return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
                                    n_layer=n_layer, max_iters=cfg.student_iters, seed=seed,
-                                   log=os.path.join(folder, "log.txt") if cfg.jobs > 1 else None)
+                                   **(dict(threads=1, log=os.path.join(folder, "log.txt")) if cfg.jobs > 1 else
+                                      dict(threads=cfg.threads)))
 
     # the NTP baseline's width matches the active parameters once the corpus' vocabulary is known
     def ntp():
@@ -333,9 +345,12 @@ def main():
         raise SystemExit(f"error: variants must be distinct names from {', '.join(VARIANTS)}, or 'all'; got "
                          f"{cfg.variants!r}")
     n_embd = student_shape(cfg)[1]
-    if cfg.seeds < 1 or cfg.jobs < 1 or cfg.n_embd % cfg.n_head or n_embd % cfg.n_head:
-        raise SystemExit(f"error: seeds and jobs must be at least 1 (got {cfg.seeds}, {cfg.jobs}) and n_embd and "
-                         f"student_n_embd multiples of n_head (got {cfg.n_embd}, {n_embd} and {cfg.n_head})")
+    if min(cfg.seeds, cfg.jobs, cfg.threads) < 1 or cfg.n_embd % cfg.n_head or n_embd % cfg.n_head:
+        raise SystemExit(f"error: seeds, jobs and threads must be at least 1 (got {cfg.seeds}, {cfg.jobs}, "
+                         f"{cfg.threads}) and n_embd and student_n_embd multiples of n_head (got {cfg.n_embd}, "
+                         f"{n_embd} and {cfg.n_head})")
+    # the report runs here: on `threads` too
+    torch.set_num_threads(cfg.threads)
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]
     # students run `jobs` at a time; any other step waits for those under way
     pool, running = ThreadPoolExecutor(max_workers=cfg.jobs), []

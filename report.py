@@ -245,7 +245,7 @@ def machine(device):
             with open("/proc/cpuinfo") as f:
                 name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        name = f"{name}, {cores} cores"
+        name = f"{name}, {cores} cores, torch's {torch.backends.cpu.get_cpu_capability()} kernels"
     return f"{name}; {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
