@@ -101,7 +101,7 @@ for step in bar:
     m = train_step(sae, optimizer, x, k_aux, aux_coef, dead_tokens)
     tok_s = x.size(0) / (time.time() - t0)
     t0 = time.time()
-    bar.set_postfix(nmse=f"{m['nmse']:.3f}", dead=f"{m['dead_frac']:.1%}", tok_s=f"{tok_s:,.0f}")
+    bar.set_postfix(nmse=f"{m['nmse']:.3f}", dead=f"{m['dead_frac']:.1%}", tok_s=f"{tok_s:,.0f}", refresh=False)
     if (step + 1) % eval_interval == 0 or step + 1 == max_iters:
         val = {f"val_{k}": v for k, v in evaluate(sae, val_x).items()}
         log({"step": step + 1, **m, **val, "tok_per_s": tok_s})

@@ -178,7 +178,11 @@ def test_training_command_checkpoints_and_resumes_exactly(tmp_path):
     args = [f"--teacher={root / 'teacher.pt'}", f"--data_dir={root / 'data' / 'c'}", "--sae_layer=1", "--n_concepts=64",
             "--sae_k=4",
             "--k_aux=8", "--dead_tokens=256", "--block_size=16", "--batch_size=8", "--eval_interval=3", "--device=cpu"]
-    run("train_sae.py", *args, f"--out_dir={root / 'whole'}", "--max_iters=9")
+    whole = run("train_sae.py", *args, f"--out_dir={root / 'whole'}", "--max_iters=9")
+    # into a log (a pipe here), the progress bar draws at its start, beside each of the 3 evaluations' lines and
+    # at its end, not at each of the 9 steps
+    draws = [line for line in whole.stderr.replace("\r", "\n").splitlines() if line.startswith("sae:")]
+    assert len(draws) <= 5, whole.stderr
     run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=6")
     run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=9", "--init_from=resume")
     whole, split = (torch.load(root / d / "sae.pt", weights_only=True) for d in ("whole", "split"))
