@@ -3,6 +3,7 @@
 import json
 import os
 import platform
+import random
 import re
 import signal
 import subprocess
@@ -280,3 +281,32 @@ def test_pipeline_interrupt_then_resume(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "teacher" / "metrics.jsonl")
              if "val_loss" in line]
     assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stop
+
+
+def test_pipeline_killed_anywhere_ends_as_the_uninterrupted_run(small_run, tmp_path):
+    # SIGKILL to the pipeline and its stages at random moments, three times, then a rerun to the end: the rows
+    # it shares with the uninterrupted small run have the same losses, and the same report figures
+    args = small_args(tmp_path, "--variants=prediction_only")
+    rng, kills = random.Random(0), 0
+    while True:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
+                                start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            _, err = proc.communicate(timeout=rng.uniform(4, 12) if kills < 3 else None)
+            break
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            kills += 1
+    assert proc.returncode == 0 and kills == 3, err
+    whole, killed = small_run[0] / "out" / RUNS, tmp_path / "out" / RUNS
+    for row in ("ntp", "cocomix", "prediction_only"):
+        for seed in (1, 2):
+            logs = [[json.loads(line) for line in open(folder / f"{row}-{seed}" / "metrics.jsonl")]
+                    for folder in (whole, killed)]
+            assert [m.get("val_ntp_loss") for m in logs[0]] == [m.get("val_ntp_loss") for m in logs[1]], (row, seed)
+    reports = [json.loads((folder / name / "report.json").read_text())
+               for folder, name in ((whole, "report-all"), (killed, "report-prediction_only"))]
+    for row in ("ntp", "cocomix", "prediction_only"):
+        assert reports[0]["final_val_ntp_loss"][row] == reports[1]["final_val_ntp_loss"][row]
