@@ -9,6 +9,9 @@ import os
 import sys
 from contextlib import contextmanager
 
+# downloads (OpenAI's SAE files, GPT-2's weights) land here, each only once complete and checked
+CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
+
 
 @contextmanager
 def atomic_write(path, tmp=None):

@@ -8,6 +8,7 @@ names this file keeps so that GPT-2 weights map onto it one to one.
 import json
 import math
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -15,6 +16,8 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
+
+import files
 
 GPT2_SIZES = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
 
@@ -449,9 +452,7 @@ class GPT(nn.Module):
         if os.path.isdir(name_or_dir):
             folder = name_or_dir
         elif name_or_dir in GPT2_SIZES:
-            from huggingface_hub import snapshot_download
-            folder = snapshot_download(f"openai-community/{name_or_dir}",
-                                       allow_patterns=["config.json", "model.safetensors"])
+            folder = download_gpt2(name_or_dir)
         else:
             raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {', '.join(GPT2_SIZES)}")
         if not os.path.exists(os.path.join(folder, "config.json")):
@@ -574,6 +575,36 @@ class GPT(nn.Module):
         if not concept_top:
             return idx
         return idx, (torch.stack([v for v, _ in predicted], 1), torch.stack([i for _, i in predicted], 1))
+
+
+def download_gpt2(size):
+    """GPT-2 of `size` from the Hugging Face hub, once, into CACHE_DIR/<size>: downloaded into a temporary
+    folder, read there as a GPT (its keys and shapes checked), and only then renamed into the cache."""
+    folder = os.path.join(files.CACHE_DIR, size)
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        return folder
+    from huggingface_hub import snapshot_download
+    tmp = f"{folder}.{os.getpid()}.tmp"
+    try:
+        try:
+            snapshot_download(f"openai-community/{size}", allow_patterns=["config.json", "model.safetensors"],
+                              local_dir=tmp)
+        except Exception as e:
+            raise ValueError(f"cannot download {size} from the Hugging Face hub: {type(e).__name__}: {e}") from None
+        try:
+            GPT.from_pretrained(tmp)
+        except ValueError as e:
+            raise ValueError(f"the {size} download is refused, and not cached: {e}") from None
+        os.makedirs(files.CACHE_DIR, exist_ok=True)
+        # another process (a torchrun rank) may have cached it meanwhile
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not os.path.exists(os.path.join(folder, "model.safetensors")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def load_checkpoint(path, map_location="cpu"):

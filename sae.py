@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import files
 from files import atomic_write, progress
 from model import layer_norm
 
 OPENAI_SAE_URL = ("https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
                   "resid_post_mlp_v5_32k/autoencoders/{layer}.pt")
-CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "cocomix")
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 KEYS = ("pre_bias", "latent_bias", "encoder.weight", "decoder.weight", "stats_last_nonzero",
         "latents_activation_frequency", "latents_mean_square", "activation", "activation_state_dict")
@@ -164,7 +164,7 @@ def download(url, check):
     if address.scheme != "https" and not (address.scheme == "http" and address.hostname in LOOPBACK):
         raise ValueError(f"{url}: downloads go over https only")
     parts = url.rstrip("/").split("/")
-    path = os.path.join(CACHE_DIR, *parts[-3:])
+    path = os.path.join(files.CACHE_DIR, *parts[-3:])
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)

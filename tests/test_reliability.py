@@ -237,3 +237,28 @@ def test_sigkill_anywhere_in_labelling_resumes_to_the_same_cache(char_data, conc
     killed_until_done("attribution.py", [*args, f"--label_cache={killed}"], [], killed / "train.json", seed=2)
     for name in ("train.bin", "val.bin", "train.json", "val.json"):
         assert (tmp_path / "whole" / name).read_bytes() == (killed / name).read_bytes(), name
+
+
+def test_gpt2_downloads_are_checked_before_they_enter_the_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    import files
+    served = []
+
+    def hub(repo_id, allow_patterns, local_dir):
+        # the hub's answer: a GPT-2 folder; the second time one whose weights do not fit its config.json
+        served.append(repo_id)
+        model = hf_gpt2(local_dir, 1, 2, 16, 50, 16)
+        model.save_pretrained(local_dir)
+        if len(served) > 1:
+            model.config.n_embd = 32
+            model.config.save_pretrained(local_dir)
+        return local_dir
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(files, "CACHE_DIR", str(tmp_path / "cache"))
+    first, second = GPT.from_pretrained("gpt2"), GPT.from_pretrained("gpt2")
+    assert served == ["openai-community/gpt2"] and os.listdir(tmp_path / "cache") == ["gpt2"]
+    assert torch.equal(first.lm_head.weight, second.lm_head.weight)
+    with pytest.raises(ValueError, match="the gpt2-medium download is refused, and not cached"):
+        GPT.from_pretrained("gpt2-medium")
+    assert os.listdir(tmp_path / "cache") == ["gpt2"]

@@ -200,7 +200,7 @@ def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
     import http.server
     import threading
 
-    import sae as sae_module
+    import files
     served = tmp_path / "served" / "resid_post_mlp_v5_32k" / "autoencoders"
     served.mkdir(parents=True)
     sd = openai_file(served / "5.pt")
@@ -213,7 +213,7 @@ def test_load_from_a_url_downloads_once_into_the_cache(tmp_path, monkeypatch):
     handler = functools.partial(Handler, directory=str(tmp_path / "served"))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(sae_module, "CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(files, "CACHE_DIR", str(tmp_path / "cache"))
     url = f"http://127.0.0.1:{server.server_address[1]}/resid_post_mlp_v5_32k/autoencoders/5.pt"
     # a file that is not an SAE (here cut short) is refused and never enters the cache
     data = (served / "5.pt").read_bytes()
