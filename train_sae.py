@@ -109,6 +109,12 @@ for step in bar:
                    f"dead {m['dead_frac']:.1%}, {tok_s:,.0f} tok/s")
         ckpt = {"sae": sae.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1,
                 "data_rng": data_rng.get_state(), "config": config}
-        with atomic_write(ckpt_path) as tmp:
-            torch.save(ckpt, tmp)
-        sae.save(os.path.join(out_dir, "sae.pt"))
+        # sae.pt first: a checkpoint of step N means sae.pt of step N is written. A failed write (a full disk)
+        # stops the run and leaves the last checkpoint as it was.
+        try:
+            sae.save(os.path.join(out_dir, "sae.pt"))
+            with atomic_write(ckpt_path) as tmp:
+                torch.save(ckpt, tmp)
+        except (OSError, RuntimeError) as e:
+            raise SystemExit(f"error: step {step + 1}: cannot write to {out_dir} ({' '.join(str(e).split())}); "
+                             f"its last checkpoint is kept")

@@ -1,13 +1,15 @@
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import run
+from conftest import ROOT, run
 from sae import KEYS, TopKSAE, init_pre_bias, make_optimizer, steering_hook, train_step
 from test_attribution import tiny_teacher
 
@@ -184,6 +186,17 @@ def test_training_command_checkpoints_and_resumes_exactly(tmp_path):
     draws = [line for line in whole.stderr.replace("\r", "\n").splitlines() if line.startswith("sae:")]
     assert len(draws) <= 5, whole.stderr
     run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=6")
+    # a full disk, as a file-size limit: the next checkpoint cannot be written, the last one stays
+    import resource
+    before = (root / "split" / "ckpt.pt").read_bytes()
+    limit = len(before) // 2
+    full = subprocess.run([sys.executable, os.path.join(ROOT, "train_sae.py"), *args, f"--out_dir={root / 'split'}",
+                           "--max_iters=9", "--init_from=resume"], capture_output=True, text=True,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert full.returncode == 1 and "Traceback" not in full.stderr
+    assert f"error: step 9: cannot write to {root / 'split'} (" in full.stderr
+    assert full.stderr.rstrip().endswith("its last checkpoint is kept")
+    assert (root / "split" / "ckpt.pt").read_bytes() == before and not list((root / "split").glob("*.tmp"))
     run("train_sae.py", *args, f"--out_dir={root / 'split'}", "--max_iters=9", "--init_from=resume")
     whole, split = (torch.load(root / d / "sae.pt", weights_only=True) for d in ("whole", "split"))
     assert all(torch.equal(whole[k], split[k]) for k in KEYS if torch.is_tensor(whole[k]))
