@@ -260,7 +260,12 @@ if __name__ == "__main__":
             header["done"] = old["done"]
             labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=shape)
         else:
-            labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape)
+            # the whole file is made at once: a disk too small for it stops the run here, in one line
+            try:
+                labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape)
+            except OSError as e:
+                size = int(np.prod(shape)) * np.dtype(header["dtype"]).itemsize
+                raise SystemExit(f"error: cannot make {bin_path} ({size:,} bytes): {e.strerror or e}")
             write_header(json_path, header)
         t0, last_save = time.time(), time.time()
         bar = progress(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,

@@ -198,14 +198,18 @@ def prepare_text(args):
 def save(data_dir, tok, splits, source, extra=None, **meta_fields):
     """Token splits as {split}.bin, `extra` arrays as {name}.bin, then meta.json with `meta_fields`
     last: a folder with meta.json is complete."""
-    start_output(data_dir)
     meta = {**tok.meta(), "source": source, **meta_fields}
-    for split, arr in splits.items():
-        write_tokens(os.path.join(data_dir, f"{split}.bin"), [arr], len(arr), arr.dtype, split)
-        meta[f"{split}_tokens"] = len(arr)
-    for name, arr in (extra or {}).items():
-        write_tokens(os.path.join(data_dir, f"{name}.bin"), [arr], len(arr), arr.dtype, name)
-    write_meta(data_dir, meta)
+    # a failed write (a full disk) leaves no meta.json, so the folder does not count as prepared
+    try:
+        start_output(data_dir)
+        for split, arr in splits.items():
+            write_tokens(os.path.join(data_dir, f"{split}.bin"), [arr], len(arr), arr.dtype, split)
+            meta[f"{split}_tokens"] = len(arr)
+        for name, arr in (extra or {}).items():
+            write_tokens(os.path.join(data_dir, f"{name}.bin"), [arr], len(arr), arr.dtype, name)
+        write_meta(data_dir, meta)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {data_dir}: {e.strerror or e}; it holds no prepared corpus")
     print(f"wrote {data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens, "
           f"vocabulary {tok.vocab_size}")
 
@@ -246,19 +250,22 @@ def prepare_hf(args):
         ids = [np.array(tok.enc.encode_ordinary(t) + [tok.eot], dtype=dtype) for t in batch["text"]]
         return {"ids": ids, "len": [len(x) for x in ids]}
 
-    start_output(args.data_dir)
     meta = tok.meta()
     meta["source"] = HF_CORPORA[args.corpus]
-    for split, dset in (("train", ds["train"]), ("val", ds["test"])):
-        dset = dset.map(encode, batched=True, remove_columns=dset.column_names, num_proc=args.num_proc,
-                        desc=f"tokenizing {split}")
-        total = int(np.sum(dset["len"], dtype=np.uint64))
-        n_shards = min(1024, len(dset))
-        shards = (np.concatenate(dset.shard(n_shards, i, contiguous=True).with_format("numpy")["ids"])
-                  for i in range(n_shards))
-        write_tokens(os.path.join(args.data_dir, f"{split}.bin"), shards, total, dtype, split)
-        meta[f"{split}_tokens"] = total
-    write_meta(args.data_dir, meta)
+    try:
+        start_output(args.data_dir)
+        for split, dset in (("train", ds["train"]), ("val", ds["test"])):
+            dset = dset.map(encode, batched=True, remove_columns=dset.column_names, num_proc=args.num_proc,
+                            desc=f"tokenizing {split}")
+            total = int(np.sum(dset["len"], dtype=np.uint64))
+            n_shards = min(1024, len(dset))
+            shards = (np.concatenate(dset.shard(n_shards, i, contiguous=True).with_format("numpy")["ids"])
+                      for i in range(n_shards))
+            write_tokens(os.path.join(args.data_dir, f"{split}.bin"), shards, total, dtype, split)
+            meta[f"{split}_tokens"] = total
+        write_meta(args.data_dir, meta)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write {args.data_dir}: {e.strerror or e}; it holds no prepared corpus")
     print(f"wrote {args.data_dir}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} val tokens")
 
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import prepare
 from configurator import configure
-from conftest import ROOT, run
+from conftest import ROOT, pseudo_text, run
 from model import GPT, GPTConfig, load_checkpoint, parse_steer
 from prepare import Tokenizer
 from sae import TopKSAE
@@ -262,3 +262,22 @@ def test_gpt2_downloads_are_checked_before_they_enter_the_cache(tmp_path, monkey
     with pytest.raises(ValueError, match="the gpt2-medium download is refused, and not cached"):
         GPT.from_pretrained("gpt2-medium")
     assert os.listdir(tmp_path / "cache") == ["gpt2"]
+
+
+def test_a_full_disk_is_one_line_for_prepare_and_labelling(char_data, concept_parts, tmp_path):
+    import resource
+
+    def limited(script, *args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000)))
+    (tmp_path / "doc.txt").write_text(pseudo_text(20000, 0))
+    proc = limited("prepare.py", "text", "--input", tmp_path / "doc.txt", "--data_dir", tmp_path / "data")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot write {tmp_path / 'data'}: File too large")
+    assert not (tmp_path / "data" / "meta.json").exists()
+    proc = limited("attribution.py", f"--data_dir={char_data}", f"--teacher={concept_parts / 'teacher'}",
+                   f"--sae={concept_parts / 'sae' / 'sae.pt'}", "--sae_layer=0", "--block_size=32",
+                   f"--label_cache={tmp_path / 'labels'}", "--device=cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert f"error: cannot make {tmp_path / 'labels' / 'train.bin'}" in proc.stderr
