@@ -360,6 +360,18 @@ def main():
         if english and tokenizer.eot is None:
             raise SystemExit(f"error: {english[0]} is English text for GPT-2's tokenizer; {info['model']} reads "
                              f"{tokenizer.name!r} tokens")
+        if "val" in chosen and not (data_dir or info["data_dir"]):
+            raise SystemExit(f"error: val: {info['model']} has no corpus of its own; give --data_dir")
+    # the results file is read before the scoring, so that a broken one costs no work
+    path = os.path.join(out_dir, "eval.json")
+    rows = []
+    if os.path.exists(path):
+        try:
+            with open(path) as f:
+                rows = json.load(f)
+            assert all({"model", "step", "task"} <= set(r) for r in rows)
+        except (OSError, ValueError, TypeError, AssertionError):
+            raise SystemExit(f"error: {path} is not a results file of eval.py; move it away") from None
     # every task's documents first, so that a missing one stops the run before any scoring
     try:
         docs = {t: load_docs(t, data_files, limit) for t in english}
@@ -379,11 +391,6 @@ def main():
     print(markdown(names, tables))
 
     # eval.json: this run's rows replace those of the same model, step and task
-    path = os.path.join(out_dir, "eval.json")
-    rows = []
-    if os.path.exists(path):
-        with open(path) as f:
-            rows = json.load(f)
     new = [{"task": task, "metric": metric, "value": value, "stderr": stderr, "n": n,
             **{k: info[k] for k in ("model", "step", "tokens")}}
            for table, (_, _, info) in zip(tables, models) for (task, metric), (value, stderr, n) in table.items()]

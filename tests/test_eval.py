@@ -334,6 +334,17 @@ def test_offline_without_local_files_names_the_dataset(gpt2, tmp_path):
     assert not os.path.exists(tmp_path / "eval.json")
 
 
+def test_val_needs_a_corpus_and_eval_json_must_be_ours(gpt2, trained, tmp_path):
+    folder, _ = gpt2
+    proc = run("eval.py", f"--init_from={folder}", "--tasks=val", f"--out_dir={tmp_path}", "--device=cpu", check=False)
+    assert proc.returncode == 1 and "has no corpus of its own; give --data_dir" in proc.stderr
+    # a train.py model scored into a folder whose eval.json is something else
+    (tmp_path / "eval.json").write_text("{not json")
+    proc = run("eval.py", f"--init_from={trained}", "--tasks=val", "--limit=2", f"--out_dir={tmp_path}",
+               "--device=cpu", check=False)
+    assert proc.returncode == 1 and "is not a results file of eval.py" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_a_checkpoint_that_is_not_a_model(tmp_path):
     (tmp_path / "ckpt.pt").write_bytes(os.urandom(300))
     proc = run("eval.py", f"--out_dir={tmp_path}", "--tasks=val", check=False)
