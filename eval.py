@@ -90,13 +90,13 @@ def loglikelihoods(model, requests, autocast, batch_tokens, desc=None):
             x = torch.zeros(len(batch), width, dtype=torch.long)
             for row, j in enumerate(batch):
                 inputs = requests[j][0][-(L + 1):-1]
-                x[row, :len(inputs)] = torch.tensor(inputs)
+                x[row, :len(inputs)] = torch.from_numpy(np.asarray(inputs, dtype=np.int64))
             with autocast:
                 logits = model(x.to(dev)).logits
             for row, j in enumerate(batch):
                 tokens, n = requests[j]
                 end = min(len(tokens) - 1, L)
-                target = torch.tensor(tokens[len(tokens) - n:], device=dev)
+                target = torch.from_numpy(np.asarray(tokens[len(tokens) - n:], dtype=np.int64)).to(dev)
                 # the log-softmax in fp32, whatever the model's precision
                 logp = logits[row, end - n:end].float().log_softmax(-1)
                 results[j] = (logp.gather(-1, target[:, None]).sum().item(), bool((logp.argmax(-1) == target).all()))
@@ -224,6 +224,16 @@ ALL_TASKS = ("val", *TASKS)
 WEIGHTED = ("word_perplexity", "byte_perplexity", "bits_per_byte")
 
 
+def parse_tasks(text):
+    """The tasks that `text` names ('val,lambada_openai'; 'all': every one), or a ValueError naming the unknown."""
+    chosen = list(ALL_TASKS) if text == "all" else [t for t in text.split(",") if t]
+    unknown = [t for t in chosen if t not in ALL_TASKS]
+    if unknown or not chosen:
+        given = f"unknown task {', '.join(unknown)}" if unknown else "no task given"
+        raise ValueError(f"{given}; the tasks: {', '.join(ALL_TASKS)}, all")
+    return chosen
+
+
 def load_docs(task, data_files="", limit=0):
     """A task's documents: from data_files/<task>.jsonl, or else from the Hugging Face hub."""
     spec = TASKS[task]
@@ -256,14 +266,15 @@ def load_docs(task, data_files="", limit=0):
 
 def val_windows(data_dir, block_size, limit=0):
     """The authors' OpenWebText procedure: val.bin in non-overlapping windows of block_size tokens from
-    the start, the last partial one dropped, each scoring its block_size - 1 next tokens."""
+    the start, the last partial one dropped, each scoring its block_size - 1 next tokens. The windows are
+    views of the memory-mapped file, read as they are scored."""
     meta = load_meta(data_dir)
     val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     n = len(val) // block_size
     if n == 0:
         raise ValueError(f"{data_dir}/val.bin holds {len(val)} tokens, fewer than block_size {block_size}")
     n = min(n, limit) if limit else n
-    return [(val[i * block_size:(i + 1) * block_size].astype(np.int64).tolist(), block_size - 1) for i in range(n)]
+    return [(val[i * block_size:(i + 1) * block_size], block_size - 1) for i in range(n)]
 
 
 def aggregate(metric, items):
@@ -334,11 +345,10 @@ def markdown(names, tables):
 
 def main():
     configure(globals())
-    chosen = list(ALL_TASKS) if tasks == "all" else [t for t in tasks.split(",") if t]
-    unknown = [t for t in chosen if t not in ALL_TASKS]
-    if unknown or not chosen:
-        given = f"unknown task {', '.join(unknown)}" if unknown else "no task given"
-        raise SystemExit(f"error: {given}; the tasks: {', '.join(ALL_TASKS)}, all")
+    try:
+        chosen = parse_tasks(tasks)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     dev, _, autocast = device_and_autocast(device, dtype)
     try:
         models = [load_model(out_dir if init_from == "resume" else init_from)]

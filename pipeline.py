@@ -263,7 +263,7 @@ def make_steps(cfg):
     students_dir = students_folder(cfg)
 
     def student(seed, model):
-        """A student's train.py run: the shared settings, then `model()`'s, asked for when it students_dir."""
+        """A student's train.py run: the shared settings, then `model()`'s, asked for when it runs."""
         return lambda folder: tool("train.py", out_dir=folder, init_from=resume_from(folder), **train, **model(),
                                    n_layer=n_layer, max_iters=cfg.student_iters, seed=seed,
                                    **(dict(threads=1, log=os.path.join(folder, "log.txt")) if cfg.jobs > 1 else

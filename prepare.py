@@ -18,8 +18,10 @@ import json
 import os
 import re
 import sys
+from functools import lru_cache
 
 import numpy as np
+
 import topics
 from files import atomic_write, progress, write_text
 
@@ -31,19 +33,20 @@ GPT2_BPE_SHA256 = {"encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1c
                    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"}
 
 
-def gpt2_encoding():
-    """tiktoken's `gpt2` encoding, built from tokenizer/encoder.json: GPT-2's token ids are its merge ranks.
-    Its keys spell bytes as GPT-2 does: printable bytes as themselves, the others as chr(256), chr(257), ..."""
+@lru_cache(maxsize=1)
+def gpt2_encoding(folder):
+    """tiktoken's `gpt2` encoding, built from folder/encoder.json (read once): GPT-2's token ids are its merge
+    ranks. Its keys spell bytes as GPT-2 does: printable bytes as themselves, the others as chr(256), ..."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
     for name, digest in GPT2_BPE_SHA256.items():
-        with open(os.path.join(GPT2_BPE, name), "rb") as f:
+        with open(os.path.join(folder, name), "rb") as f:
             if hashlib.sha256(f.read()).hexdigest() != digest:
-                raise ValueError(f"{GPT2_BPE}/{name} is not GPT-2's (SHA-256 mismatch)")
+                raise ValueError(f"{folder}/{name} is not GPT-2's (SHA-256 mismatch)")
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     others = [b for b in range(256) if b not in printable]
     byte_of = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
-    with open(os.path.join(GPT2_BPE, "encoder.json")) as f:
+    with open(os.path.join(folder, "encoder.json")) as f:
         ranks = {bytes(byte_of[c] for c in token): i for token, i in json.load(f).items() if token != "<|endoftext|>"}
     return tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=len(ranks) + 1)
@@ -56,7 +59,7 @@ class Tokenizer:
     def __init__(self, meta):
         self.name = meta.get("tokenizer") if isinstance(meta, dict) else None
         if self.name == "gpt2":
-            self.enc = gpt2_encoding()
+            self.enc = gpt2_encoding(GPT2_BPE)
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         elif self.name in ("char", "words"):
             self.pieces = meta.get("chars" if self.name == "char" else "words")

@@ -82,7 +82,7 @@ def training(cfg, students_dir):
     tokens = curves["ntp"][0][0]
     for name, rows in curves.items():
         if any(len(t) != len(tokens) or (t != tokens).any() for t, _ in rows):
-            raise SystemExit(f"error: the {name} students_dir were validated at other token counts: "
+            raise SystemExit(f"error: the {name} runs were validated at other token counts: "
                              f"rerun `python pipeline.py --stage=students`")
     # (seeds, evaluations)
     losses = {n: np.stack([l for _, l in rows]) for n, rows in curves.items()}
@@ -145,7 +145,7 @@ def steering(cfg, folder, device, autocast, detail):
 
     conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
     texts = {cond: generate(*cond) for cond in progress(conditions, desc=f"steering {os.path.basename(folder)}",
-                                                    unit="condition")}
+                                                        unit="condition")}
     rows = []
     for (name, topic_words), (concept, corr) in zip(meta["topics"].items(), tied):
         topic_words = set(topic_words)

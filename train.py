@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from attribution import LABEL_SETTINGS, LabelCache, load_labeler, load_teacher
 from configurator import configure
-from eval import ALL_TASKS, evaluate, load_docs, val_windows
+from eval import evaluate, load_docs, parse_tasks, val_windows
 from files import atomic_write, metrics_log
 from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint
 from prepare import Tokenizer, load_meta
@@ -144,17 +144,14 @@ for s, n in n_windows.items():
 # eval.py's tasks, their documents read now so that a missing one stops the run before it starts
 eval_docs = {}
 if eval_tasks:
-    unknown = [t for t in eval_tasks.split(",") if t not in ALL_TASKS]
-    if unknown:
-        raise SystemExit(f"error: eval_tasks: unknown task {', '.join(unknown)}; the tasks: {', '.join(ALL_TASKS)}")
     try:
-        tokenizer = Tokenizer(meta)
+        names, tokenizer = parse_tasks(eval_tasks), Tokenizer(meta)
+        if tokenizer.eot is None and set(names) - {"val"}:
+            raise ValueError(f"English tasks need GPT-2's tokenizer; {data_dir} uses {tokenizer.name!r}")
         eval_docs = {t: val_windows(data_dir, block_size) if t == "val" else load_docs(t, eval_data_files)
-                     for t in eval_tasks.split(",")}
+                     for t in names}
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: eval_tasks: {e}")
-    if tokenizer.eot is None and set(eval_docs) - {"val"}:
-        raise SystemExit(f"error: eval_tasks: English tasks need GPT-2's tokenizer; {data_dir} uses {tokenizer.name!r}")
 
 # what the objective needs beside the tokens: concept labels (online from the teacher and SAE, or from a
 # cache made by attribution.py), the teacher's hidden states, or its next-token logits
