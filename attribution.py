@@ -26,6 +26,8 @@ from sae import TopKSAE
 LABEL_SOURCES = ("pre", "post")
 LABEL_SIGNS = ("literal", "abs", "neg")
 LABEL_SCORES = ("attribution", "activation")
+# the teacher's precision while it labels; None: fp32, autocast off
+LABEL_DTYPES = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class ConceptLabeler:
@@ -47,14 +49,19 @@ class ConceptLabeler:
                   loss by -a_i.
     label_score:  "attribution" (the paper) scores with a; "activation" (the ablation of Fig. 6a) with
                   the SAE's activation c = TopK(c_pre) itself, needing no gradient.
+    label_dtype:  the teacher's precision, whatever autocast surrounds the call: "float32" (the authors'),
+                  or "bfloat16" / "float16" (faster, other labels at a few % of positions: bench.py
+                  --measure=labeler prints the agreement). The SAE always runs in fp32.
     """
 
     def __init__(self, teacher, sae, sae_layer, k_attr=4, label_source="pre", label_sign="literal", chunk_size=1024,
-                 label_score="attribution"):
+                 label_score="attribution", label_dtype="float32"):
         if label_source not in LABEL_SOURCES or label_sign not in LABEL_SIGNS or label_score not in LABEL_SCORES:
             raise ValueError(f"label_source must be one of {LABEL_SOURCES}, label_sign one of {LABEL_SIGNS} and "
                              f"label_score one of {LABEL_SCORES}, got {label_source!r}, {label_sign!r}, "
                              f"{label_score!r}")
+        if label_dtype not in LABEL_DTYPES:
+            raise ValueError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}, not {label_dtype!r}")
         if not 0 <= sae_layer < teacher.config.n_layer:
             raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
         if sae.d_model != teacher.config.n_embd:
@@ -66,6 +73,12 @@ class ConceptLabeler:
         self.sae = sae.eval().requires_grad_(False)
         self.sae_layer, self.k_attr, self.chunk_size = sae_layer, k_attr, chunk_size
         self.label_source, self.label_sign, self.label_score = label_source, label_sign, label_score
+        self.label_dtype = label_dtype
+
+    def precision(self, device):
+        """The autocast of label_dtype, replacing any the caller runs under (train.py's bf16 step)."""
+        dtype = LABEL_DTYPES[self.label_dtype]
+        return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
 
     # enable_grad: also inside a caller's no_grad, e.g. labelling validation batches
     @torch.enable_grad()
@@ -89,11 +102,12 @@ class ConceptLabeler:
     def chunks(self, x, y):
         """Yields (start, end, a) with a the (end - start, C) scores of those positions: attribution
         scores, or for label_score 'activation' the SAE's activations."""
-        if self.label_score == "activation":
-            with torch.no_grad():
-                h, g = self.teacher.hidden(x, self.sae_layer).float().flatten(0, 1), None
-        else:
-            h, g = self.residual_and_grad(x, y)
+        with self.precision(x.device):
+            if self.label_score == "activation":
+                with torch.no_grad():
+                    h, g = self.teacher.hidden(x, self.sae_layer).float().flatten(0, 1), None
+            else:
+                h, g = self.residual_and_grad(x, y)
         sae = self.sae
         with torch.autocast(h.device.type, enabled=False):
             x_n, _, std = layer_norm(h)
@@ -138,14 +152,14 @@ def load_teacher(teacher, device, data_vocab_size, block_size):
 
 
 def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device, data_vocab_size,
-                 block_size, chunk_size=1024):
+                 block_size, chunk_size=1024, label_dtype="float32"):
     """The labeler of train.py's and this command's settings, with the teacher (see load_teacher) and
     the SAE (see TopKSAE.load) on `device`; a ValueError (FileNotFoundError for a missing file) says
     what does not fit."""
     sae_model = TopKSAE.load(sae, sae_layer)
     teacher_model = load_teacher(teacher, device, data_vocab_size, block_size)
     return ConceptLabeler(teacher_model, sae_model.to(device), sae_layer, k_attr, label_source, label_sign, chunk_size,
-                          label_score)
+                          label_score, label_dtype)
 
 
 def fingerprint(module):
@@ -163,13 +177,13 @@ def fingerprint(module):
 # concepts): window i labels tokens [i * block_size, (i + 1) * block_size) of <split>.bin, whose
 # targets are the next tokens. <split>.json, its header, records what made it and how many windows
 # are done. A reader (train.py) checks LABEL_SETTINGS, which both scripts name alike, against its own.
-LABEL_SETTINGS = ("teacher", "sae", "sae_layer", "k_attr", "label_source", "label_sign", "label_score", "block_size",
-                  "n_concepts")
+LABEL_SETTINGS = ("teacher", "sae", "sae_layer", "k_attr", "label_source", "label_sign", "label_score", "label_dtype",
+                  "block_size", "n_concepts")
 # Headers written before the settings took their shared names hold these keys; read as the new ones.
 OLD_HEADER_KEYS = {"layer": "sae_layer", "source": "label_source", "sign": "label_sign", "n_latents": "n_concepts",
                    "n_chunks": "n_windows"}
-# and before label_score existed, every cache held attribution labels
-OLD_HEADER_DEFAULTS = {"label_score": "attribution"}
+# and before label_score and label_dtype existed, every cache held attribution labels of an fp32 teacher (CPU)
+OLD_HEADER_DEFAULTS = {"label_score": "attribution", "label_dtype": "float32"}
 
 
 def cache_paths(label_cache, split):
@@ -222,7 +236,7 @@ batch_size = 8  # windows per teacher pass
 chunk_size = 1024  # positions scored at once (memory: a few chunk_size x C fp32 temporaries)
 label_cache = ""  # where the labels go (default: <data_dir>/labels)
 device = "auto"  # 'auto', 'cpu', 'cuda', ...
-dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
+label_dtype = "float32"  # the teacher's precision: 'float32' (the authors'), 'bfloat16' or 'float16' (faster)
 
 if __name__ == "__main__":
     from configurator import configure
@@ -231,13 +245,13 @@ if __name__ == "__main__":
     from prepare import load_meta
 
     config = configure(globals())
-    device, _, autocast = device_and_autocast(device, dtype)
+    device = device_and_autocast(device)[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     label_cache = label_cache or os.path.join(data_dir, "labels")
     try:
         meta = load_meta(data_dir)
         labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
-                               meta["vocab_size"], block_size, chunk_size)
+                               meta["vocab_size"], block_size, chunk_size, label_dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     os.makedirs(label_cache, exist_ok=True)
@@ -274,8 +288,7 @@ if __name__ == "__main__":
             ids = range(first, min(first + batch_size, n_windows))
             xy = np.stack([data[i * block_size:(i + 1) * block_size + 1] for i in ids]).astype(np.int64)
             xy = torch.from_numpy(xy).to(device)
-            with autocast:
-                labels[ids.start:ids.stop] = labeler(xy[:, :-1], xy[:, 1:]).cpu().numpy()
+            labels[ids.start:ids.stop] = labeler(xy[:, :-1], xy[:, 1:]).cpu().numpy()
             header["done"] = ids.stop
             bar.update(len(ids) * block_size)
             # progress survives an interruption: the labels first, then the header that counts them

@@ -1,46 +1,58 @@
 """
-Speed and memory figures, printed (random weights: the figures do not depend on them).
+Speed and memory of the paper's runs, printed as tables (random weights: the figures do not depend on them).
 
-    python bench.py                                   # cocomix_69m against ntp_69m: step time and peak memory
-    python bench.py --batch_size=1 --block_size=256   # the same in minutes on a CPU
-    python bench.py --pair=386m --batch_size=4
-    python bench.py --measure=labeler                 # tiny teacher, C = 32768, 8 x 1024 tokens
-    python bench.py --measure=labeler --teacher=gpt2-124m
+    python bench.py                             # ntp_69m against cocomix_69m (cached and online labels), 8 x 1024
+    python bench.py --batch_size=2              # the same in minutes on a CPU
+    python bench.py --pair=386m --compile=True  # on a GPU: tokens/s, MFU, step time against the FLOP floor
+    python bench.py --measure=memory            # peak memory of every paper config at its batch_size
+    python bench.py --measure=labeler           # labeler tokens/s and memory; bf16 labels against fp32 ones
+    python bench.py --measure=nanogpt --nanogpt_dir=../nanoGPT   # NTP against nanoGPT, same shape and machine
 """
 
 import json
 import os
+import pickle
 import resource
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import weakref
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from attribution import ConceptLabeler
 from configurator import configure, script_settings
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, peak_flops
 from sae import TopKSAE
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # teacher shapes: (n_layer, n_head, n_embd, vocab_size)
 TEACHERS = {"tiny": (4, 4, 128, 50257), "gpt2-124m": (12, 12, 768, 50257)}
+PAIRS = ("69m", "386m", "1b")
 
-measure = "train"  # 'train': a paper pair's step, NTP against CoCoMix with cached and online labels; 'labeler'
-pair = "69m"  # train: config/cocomix_<pair>.py against config/ntp_<pair>.py
-teacher = "tiny"  # labeler: the teacher's shape, 'tiny' (4 blocks, width 128) or 'gpt2-124m'
-sae_layer = 1  # labeler: the block the SAE reads (train: the config's)
-n_concepts = 32768  # labeler: C (train: the config's)
+measure = "train"  # 'train', 'memory', 'labeler' or 'nanogpt'
+pair = "69m"  # train: config/ntp_<pair>.py against config/cocomix_<pair>.py
+teacher = "tiny"  # labeler: the teacher's shape, 'tiny' (4 blocks, width 128) or 'gpt2-124m' (train, memory: gpt2-124m)
+sae_layer = 1  # labeler: the block the SAE reads (train, memory: the config's)
+n_concepts = 32768  # labeler: C (train, memory: the config's)
 sae_k = 32  # active SAE latents per token (OpenAI's GPT-2 SAEs: 32)
-k_attr = 4  # labeler: labels per position (train: the config's)
+k_attr = 4  # labeler: labels per position (train, memory: the config's)
 chunk_size = 1024  # labeler: positions scored at once
-batch_size = 8  # sequences per step or call
+label_dtype = "float32"  # the online labeler's precision (labeler: measured beside float32, whose labels it is held to)
+batch_size = 8  # sequences per step or call (memory: each config's own)
 block_size = 1024  # tokens per sequence
 iters = 3  # timed steps or calls after one warm-up
 device = "auto"  # 'auto', 'cpu', 'cuda'
-dtype = "auto"  # precision: 'auto', 'float32', 'bfloat16', 'float16'
-compile = False  # train: torch.compile the student (CUDA)
-mode = ""  # internal: train in one of ntp, cached, online, in a fresh process so that peak memory is its own
+dtype = "auto"  # precision: 'auto', 'float32', 'bfloat16', 'float16' (memory on a CPU: estimated for bfloat16)
+compile = False  # train, memory: torch.compile the student (CUDA)
+nanogpt_dir = ""  # nanogpt: a karpathy/nanoGPT checkout
+runs = 5  # nanogpt: whole-process runs of each, alternating
+mode = ""  # internal: one of ntp, cached, online, measured in a fresh process so that its peak memory is its own
 
 
 def peak_bytes(device):
@@ -71,91 +83,284 @@ def timed(call, device):
     return dt, peak_bytes(device), peak_bytes(device) - before
 
 
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the tensors every operator makes while they live, and their peak. Under
+    FakeTensorMode it measures a step without running it: nothing is allocated, but every output has its
+    real size and lives as long as it would (autograd's saved tensors included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+
+    def add(self, t):
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key not in self.live:
+            self.live[key] = [storage.nbytes(), 0]
+            self.now += storage.nbytes()
+            self.peak = max(self.peak, self.now)
+        self.live[key][1] += 1
+        # a view shares its base's storage: the bytes leave when the last tensor on the storage dies
+        weakref.finalize(t, self.drop, key)
+
+    def drop(self, key):
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.now -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.add(t)
+        return out
+
+
+def storage_bytes(tensors):
+    """The bytes of the distinct storages under `tensors`."""
+    storages = {t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}
+    return sum(storages.values())
+
+
+def labeler_flops_per_token(labeler, block_size):
+    """The labeler's FLOPs per token, counted as GPT.flops_per_token counts: 2 per weight and 4 x width x T
+    per block of attention for the teacher's forward; the same again for the backward of the input gradients
+    (no weight gradients) from the LM head down to sae_layer; 2 x width x C for the SAE's encoder and, for
+    attribution, as much for the product with its decoder. The activation ablation runs no backward and
+    stops the forward at sae_layer."""
+    t = labeler.teacher
+    d, n_layer = t.config.n_embd, t.config.n_layer
+    head = t.config.vocab_size * d
+    upper = t.transformer.h[labeler.sae_layer + 1:]
+
+    def weights(blocks):
+        return sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
+
+    sae = 2 * d * labeler.sae.n_concepts
+    if labeler.label_score == "activation":
+        lower = t.transformer.h[:labeler.sae_layer + 1]
+        return 2 * weights(lower) + 4 * len(lower) * d * block_size + sae
+    forward = 2 * (weights(t.transformer.h) + head) + 4 * n_layer * d * block_size
+    backward = 2 * (weights(upper) + head) + 8 * len(upper) * d * block_size
+    return forward + backward + 2 * sae
+
+
+def config_of(name):
+    return configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
+
+
+def build(name, labels, dev, autocast, batch, optimizer_device=None):
+    """A training step of config/<name>.py at `batch` x block_size tokens: labels 'cached' (random), 'online'
+    (a GPT-2-124M-shaped teacher and a 32k SAE label each batch, as train.py does) or None (NTP). Returns
+    (step, model, optimizer, labeler, the step's inputs); the optimiser is the one train.py makes for
+    `optimizer_device` (default: dev's type)."""
+    c = config_of(name)
+    concepts = {k: c[k] for k in CONCEPT_ARGS} if labels else {}
+    torch.manual_seed(0)
+    # made on the device: fake tensors cannot move
+    with torch.device(dev):
+        model = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
+                              n_embd=c["n_embd"], **concepts))
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), optimizer_device or dev.split(":")[0])
+    step_model = torch.compile(model) if compile and dev.startswith("cuda") else model
+    labeler = None
+    if labels == "online":
+        n_layer, n_head, n_embd, vocab = TEACHERS["gpt2-124m"]
+        with torch.device(dev):
+            t = GPT(GPTConfig(block_size=max(block_size, 1024), vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                              n_embd=n_embd))
+            labeler = ConceptLabeler(t, TopKSAE(c["n_concepts"], n_embd, sae_k), c["sae_layer"], c["k_attr"],
+                                     label_dtype=label_dtype)
+    x, y = (torch.randint(0, 50257, (batch, block_size), device=dev) for _ in range(2))
+    cached = torch.randint(0, c["n_concepts"], (batch, block_size, c["k_attr"]), device=dev) if labels else None
+
+    def step():
+        with autocast:
+            concept_labels = labeler(x, y) if labeler else cached
+            loss = step_model(x, y, concept_labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if dev.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    return step, model, optimizer, labeler, [x, y] + ([cached] if labels else [])
+
+
+def estimate_peak(name, labels, batch):
+    """The peak bytes of one training step on a GPU under bf16 autocast, estimated on this machine: the
+    step runs on fake tensors (shapes without data) and LiveBytes counts what lives at once, on top of the
+    weights, optimiser state, teacher, SAE and batch."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        step, model, optimizer, labeler, inputs = build(name, labels, "cpu", torch.autocast("cpu", torch.bfloat16),
+                                                         batch, optimizer_device="cuda")
+        step()
+        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        held = [*model.parameters(), *state, *inputs]
+        if labeler:
+            sae = [v for v in labeler.sae.state_dict().values() if torch.is_tensor(v)]
+            held += [*labeler.teacher.parameters(), *sae]
+        with LiveBytes() as live:
+            step()
+    return storage_bytes(held) + live.peak
+
+
 def bench_labeler():
     n_layer, n_head, n_embd, vocab = TEACHERS[teacher]
     torch.manual_seed(0)
     model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    labeler = ConceptLabeler(model.to(device), TopKSAE(n_concepts, n_embd, sae_k).to(device), sae_layer, k_attr,
-                             chunk_size=chunk_size)
+    sae = TopKSAE(n_concepts, n_embd, sae_k).to(device)
     x, y = (torch.randint(0, vocab, (batch_size, block_size), device=device) for _ in range(2))
+    labels = {}
+    print(f"labeler: teacher {teacher} ({model.get_num_params() / 1e6:.1f}M, random weights), sae_layer {sae_layer}, "
+          f"C={n_concepts}, k_attr={k_attr}, {batch_size}x{block_size} tokens, {device}")
+    for precision in dict.fromkeys(("float32", label_dtype)):
+        labeler = ConceptLabeler(model.to(device), sae, sae_layer, k_attr, chunk_size=chunk_size,
+                                 label_dtype=precision)
 
-    def call():
-        with autocast:
-            labeler(x, y)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        def call():
+            labels[precision] = labeler(x, y)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
 
-    dt, _, extra = timed(call, device)
-    btc = batch_size * block_size * n_concepts * 4
-    print(f"labeler: teacher {teacher} ({model.get_num_params() / 1e6:.1f}M), sae_layer {sae_layer}, C={n_concepts}, "
-          f"k_attr={k_attr}, {batch_size}x{block_size} tokens, {device} {dtype}")
-    print(f"  {batch_size * block_size / dt:,.0f} tokens/s ({dt:.2f} s per call)")
-    print(f"  peak memory above the models and inputs: {extra / 2**20:,.0f} MiB"
-          f" = {extra / btc:.2f} x one (B, T, C) fp32 tensor ({btc / 2**20:,.0f} MiB)")
+        dt, _, extra = timed(call, device)
+        btc = batch_size * block_size * n_concepts * 4
+        print(f"  {precision}: {batch_size * block_size / dt:,.0f} tokens/s ({dt:.2f} s per call), peak memory above "
+              f"the models and inputs {extra / 2**20:,.0f} MiB = {extra / btc:.2f} x one (B, T, C) fp32 tensor")
+    if label_dtype != "float32":
+        a, b = labels["float32"].sort(-1).values, labels[label_dtype].sort(-1).values
+        same_set = (a == b).all(-1).float().mean().item()
+        per_label = (a[..., :, None] == b[..., None, :]).any(-1).float().mean().item()
+        print(f"  {label_dtype} labels against float32: the same label set at {100 * same_set:.1f}% of positions, "
+              f"{100 * per_label:.1f}% of labels shared")
 
 
 def bench_train_mode():
-    """One training step of the pair's NTP model, or its CoCoMix model with cached or online labels,
-    timed in this process: prints a JSON line."""
+    """One training step of the pair's NTP model, or its CoCoMix model with cached or online labels, timed in
+    this process: prints a JSON line."""
     name = ("ntp_" if mode == "ntp" else "cocomix_") + pair
-    c = configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
-    concepts = {} if mode == "ntp" else {k: c[k] for k in CONCEPT_ARGS}
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
-                          n_embd=c["n_embd"], **concepts)).to(device)
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(":")[0])
-    step_model = torch.compile(model) if compile and device.startswith("cuda") else model
-    labeler = None
-    # online: GPT-2 124M's and OpenAI's SAE's shapes, at the paper's teacher block
-    if mode == "online":
-        n_layer, n_head, n_embd, vocab = TEACHERS["gpt2-124m"]
-        t = GPT(GPTConfig(block_size=max(block_size, 1024), vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                          n_embd=n_embd))
-        labeler = ConceptLabeler(t.to(device), TopKSAE(c["n_concepts"], n_embd, sae_k).to(device), c["sae_layer"],
-                                 c["k_attr"])
-    x, y = (torch.randint(0, 50257, (batch_size, block_size), device=device) for _ in range(2))
-    cached = torch.randint(0, c["n_concepts"], (batch_size, block_size, c["k_attr"]), device=device)
-
-    def step():
-        with autocast:
-            labels = None if mode == "ntp" else labeler(x, y) if labeler else cached
-            loss = step_model(x, y, labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-
+    step, model, _, labeler, _ = build(name, None if mode == "ntp" else mode, device, autocast, batch_size)
     dt, peak, extra = timed(step, device)
     print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": model.get_num_params(),
-                      "device": f"{device} {dtype}"}))
+                      "flops": model.flops_per_token(),
+                      "labeler_flops": labeler_flops_per_token(labeler, block_size) if labeler else 0,
+                      "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}))
+
+
+def run_mode(m, *extra):
+    out = subprocess.run([sys.executable, __file__, *sys.argv[1:], *extra, f"--mode={m}"], capture_output=True,
+                         text=True)
+    if out.returncode:
+        raise SystemExit(out.stderr)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def bench_train():
-    """The three modes, each in a fresh process, then the table."""
-    rows = {}
-    for m in ("ntp", "cached", "online"):
-        out = subprocess.run([sys.executable, __file__, *sys.argv[1:], f"--mode={m}"], capture_output=True, text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr)
-        rows[m] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"train step, {batch_size}x{block_size} tokens, {rows['ntp']['device']}: ntp_{pair} "
-          f"({rows['ntp']['params'] / 1e6:.1f}M) against cocomix_{pair} ({rows['cached']['params'] / 1e6:.1f}M active)")
+    """The three modes, each in a fresh process, then the table: the step time against NTP's beside the
+    ratio of their FLOPs per token (the floor), and the first over the second."""
+    rows = {m: run_mode(m) for m in ("ntp", "cached", "online")}
+    ntp = rows["ntp"]
+    peak = peak_flops(device)
+    print(f"train step, {batch_size}x{block_size} tokens, {ntp['device']} {dtype}, compile {compile}: ntp_{pair} "
+          f"({ntp['params'] / 1e6:.1f}M) against cocomix_{pair} ({rows['cached']['params'] / 1e6:.1f}M active); "
+          f"online labels from a GPT-2-124M-shaped teacher ({label_dtype})")
+    print(f"  {'':<24} {'s/step':>8} {'tokens/s':>9} {'x NTP':>6} {'FLOPs x NTP':>11} {'x floor':>7} {'MFU':>6} "
+          f"{'peak MiB':>9}")
     for m, label in (("ntp", "NTP"), ("cached", "CoCoMix, cached labels"), ("online", "CoCoMix, online labels")):
         r = rows[m]
-        print(f"  {label:<24} {r['step_s']:8.3f} s/step  x{r['step_s'] / rows['ntp']['step_s']:.2f}  "
-              f"peak {r['peak'] / 2**20:8,.0f} MiB  (above the weights and inputs: {r['extra'] / 2**20:,.0f} MiB)")
+        tokens_s = batch_size * block_size / r["step_s"]
+        flops = r["flops"] + r["labeler_flops"]
+        ratio, floor = r["step_s"] / ntp["step_s"], flops / ntp["flops"]
+        mfu = f"{100 * flops * tokens_s / peak:5.1f}%" if peak else "-"
+        print(f"  {label:<24} {r['step_s']:8.3f} {tokens_s:9,.0f} {ratio:6.2f} {floor:11.2f} {ratio / floor:7.2f} "
+              f"{mfu:>6} {r['peak'] / 2**20:9,.0f}")
+    print("  FLOPs: GPT.flops_per_token, and for online labels the teacher's forward + backward to sae_layer and the "
+          "SAE (bench.labeler_flops_per_token); MFU against the GPU's dense bf16 peak")
+
+
+def bench_memory():
+    """Each paper config at its own batch_size, CoCoMix with online labels: measured on a GPU, estimated
+    elsewhere."""
+    on_gpu = device.startswith("cuda")
+    how = ("measured: torch.cuda.max_memory_allocated" if on_gpu else
+           "ESTIMATED on this CPU for a GPU under bf16 autocast: fake tensors, every operator's outputs counted "
+           "while they live (bench.LiveBytes); CPU autocast's op list and flash attention; no allocator cache")
+    print(f"peak memory of one training step, {block_size} tokens a sequence, one process; {how}")
+    print(f"  {'config':<13} {'batch_size':>10} {'peak GiB':>9} {'+ DDP buckets':>14}")
+    for p in PAIRS:
+        for objective in ("ntp", "cocomix"):
+            name = f"{objective}_{p}"
+            batch = config_of(name)["batch_size"]
+            labels = "online" if objective == "cocomix" else None
+            if on_gpu:
+                peak = run_mode("ntp" if labels is None else labels, f"--pair={p}", f"--batch_size={batch}")["peak"]
+            else:
+                peak = estimate_peak(name, labels, batch)
+            with torch.device("meta"):
+                c = config_of(name)
+                concepts = {k: c[k] for k in CONCEPT_ARGS} if labels else {}
+                params = sum(q.numel() for q in GPT(GPTConfig(block_size=block_size, n_layer=c["n_layer"],
+                                                              n_head=c["n_head"], n_embd=c["n_embd"],
+                                                              **concepts)).parameters())
+            # DDP keeps a bucketed copy of the fp32 gradients
+            print(f"  {name:<13} {batch:>10} {peak / 2**30:9.1f} {(peak + 4 * params) / 2**30:14.1f}")
+
+
+def bench_nanogpt():
+    """NTP here against karpathy/nanoGPT's train.py on its CPU recipe's shape (4 blocks, width 128, 64 tokens,
+    batch 12, no bias, a 65-character vocabulary, 300 steps, evaluation at the start and the end), whole
+    processes alternating, `runs` of each: the wall times and the median of the paired ratios."""
+    if not os.path.exists(os.path.join(nanogpt_dir, "train.py")):
+        raise SystemExit(f"error: nanogpt_dir={nanogpt_dir!r} is not a nanoGPT checkout (no train.py)")
+    shape = dict(n_layer=4, n_head=4, n_embd=128, block_size=64, batch_size=12, dropout=0.0, bias=False,
+                 max_iters=300, eval_interval=300, eval_iters=20, log_interval=10, learning_rate=1e-3,
+                 compile=compile, device=device, dtype=dtype)
+    with tempfile.TemporaryDirectory() as tmp:
+        alphabet = np.array(list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ !$&',-.:;?3\n"))
+        with open(os.path.join(tmp, "input.txt"), "w") as f:
+            f.write("".join(np.random.default_rng(0).choice(alphabet, 1_000_000)))
+        data = os.path.join(tmp, "data")
+        subprocess.run([sys.executable, os.path.join(HERE, "prepare.py"), "text", f"--input={tmp}/input.txt",
+                        f"--data_dir={data}", "--tokenizer=char"], check=True, capture_output=True)
+        with open(os.path.join(data, "meta.json")) as f, open(os.path.join(data, "meta.pkl"), "wb") as g:
+            pickle.dump({"vocab_size": json.load(f)["vocab_size"]}, g)
+        settings = [f"--{k}={v}" for k, v in shape.items()]
+        commands = {
+            "cocomix": ([sys.executable, os.path.join(HERE, "train.py"), *settings, f"--data_dir={data}",
+                         f"--out_dir={tmp}/ours", f"--batch_tokens={12 * 64}"], HERE),
+            # nanoGPT reads data/<dataset>, which an absolute path replaces; its warm-up and decay match ours
+            "nanoGPT": ([sys.executable, "train.py", *settings, f"--dataset={data}", f"--out_dir={tmp}/theirs",
+                         "--gradient_accumulation_steps=1", "--warmup_iters=1", "--lr_decay_iters=300"], nanogpt_dir),
+        }
+        times = {k: [] for k in commands}
+        print(f"NTP against nanoGPT ({os.path.abspath(nanogpt_dir)}), {runs} whole-process runs each, alternating, "
+              f"{shape}")
+        for r in range(runs):
+            for name in list(commands)[::1 if r % 2 == 0 else -1]:
+                cmd, cwd = commands[name]
+                t0 = time.time()
+                out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"error: {name} failed:\n{out.stderr[-2000:]}")
+                times[name].append(time.time() - t0)
+        ratios = [a / b for a, b in zip(times["cocomix"], times["nanoGPT"])]
+        for name, t in times.items():
+            print(f"  {name:<8} wall s: median {statistics.median(t):6.2f}, runs {', '.join(f'{v:.2f}' for v in t)}")
+        print(f"  cocomix / nanoGPT wall time: median {statistics.median(ratios):.3f} "
+              f"(range {min(ratios):.3f}-{max(ratios):.3f}; below 1 is faster)")
 
 
 if __name__ == "__main__":
     configure(globals())
     device, dtype, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
-    if measure not in ("train", "labeler"):
-        raise SystemExit(f"error: measure must be 'train' or 'labeler', not {measure!r}")
-    if measure == "labeler":
-        bench_labeler()
-    elif mode:
+    measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt}
+    if measure not in measures:
+        raise SystemExit(f"error: measure must be one of {', '.join(measures)}, not {measure!r}")
+    if mode:
         bench_train_mode()
     else:
-        bench_train()
+        measures[measure]()

@@ -201,25 +201,25 @@ class ConceptMixer(nn.Module):
             self.compressor = nn.Embedding(config.n_concepts, config.n_embd)
             self.compressor_bias = nn.Parameter(torch.zeros(config.n_embd))
 
-    def forward(self, h, steer=None, steer_mode="scale"):
-        """(c_hat, z) for hidden states h (B, T, d); `steer` = {concept: s} multiplies those entries of z
-        by s (paper §3.2) or, with steer_mode 'add', adds s to them, before the TopK. Multiplying cannot
-        lift a concept whose logit is negative into the TopK; adding can. c_hat is None for prediction only."""
+    def forward(self, h, steer=None, steer_mode="scale", labels=None):
+        """(c_hat, z, concept_loss) for hidden states h (B, T, d) and concept labels (B, T, k_attr) (None:
+        concept_loss is None); `steer` = {concept: s} multiplies those entries of z by s (paper §3.2) or,
+        with steer_mode 'add', adds s to them, before the TopK. Multiplying cannot lift a concept whose logit
+        is negative into the TopK; adding can. c_hat is None for prediction only."""
         x, mu, std = layer_norm(h)
-        concept_logits = self.predictor(x - self.pre_bias)
         if steer:
-            index = torch.tensor(list(steer), device=h.device)
-            value = torch.tensor(list(steer.values()), dtype=concept_logits.dtype, device=h.device)
-            chosen = concept_logits[..., index]
-            steered = chosen * value if steer_mode == "scale" else chosen + value
-            concept_logits = concept_logits.index_copy(-1, index, steered)
+            steer = (torch.tensor(list(steer), device=h.device), torch.tensor(list(steer.values()), device=h.device),
+                     steer_mode)
+        flat_labels = labels.flatten(0, -2) if labels is not None else None
+        z, values, indices, loss = ConceptHead.apply((x - self.pre_bias).flatten(0, -2), self.predictor.weight,
+                                                     self.predictor.bias, flat_labels, self.k, steer or None)
+        z, loss = z.view(*h.shape[:-1], -1), loss if labels is not None else None
         if self.compressor is None:
-            return None, concept_logits
-        values, indices = concept_logits.topk(self.k, dim=-1)
-        c = F.embedding_bag(indices.flatten(0, -2), self.compressor.weight, mode="sum",
-                            per_sample_weights=values.flatten(0, -2).to(self.compressor.weight.dtype))
+            return None, z, loss
+        c = F.embedding_bag(indices, self.compressor.weight, mode="sum",
+                            per_sample_weights=values.to(self.compressor.weight.dtype))
         c_hat = (c.view_as(h) + self.compressor_bias + self.pre_bias) * std + mu
-        return c_hat, concept_logits
+        return c_hat, z, loss
 
 
 class HiddenMixer(nn.Module):
@@ -268,34 +268,70 @@ def kd_loss(logits, teacher_logits):
     return F.kl_div(log_p, log_q, log_target=True, reduction="batchmean")
 
 
-class ConceptLoss(torch.autograd.Function):
-    """Eq. 2 for logits z (N, C) and labels (N, k_attr), the mean over positions and labels of the
-    cross-entropy of z_t against each label i:
+class ConceptHead(torch.autograd.Function):
+    """The concept logits, eq. 2's loss and eq. 3's TopK, from x = LN(h) - pre_bias (N, d):
 
-        concept_loss = -log_softmax(z, dim=-1).gather(-1, labels).mean()
+        z = x W_pred^T + b_pred                                              (N, C) concept logits
+        concept_loss = -log_softmax(z, dim=-1).gather(-1, labels).mean()     eq. 2, labels (N, k_attr)
+        values, indices = z.topk(k)                                          the TopK of eq. 3
 
-    Computed equal to that (tests/test_cocomix.py::test_chunked_concept_loss_matches_autograd) but
-    without holding a second (N, C) tensor beside z and its gradient: fp32 softmax statistics per
-    chunk of positions, the gradient written in z's own dtype (bf16 under autocast)."""
+    Computed equal to that (tests/test_cocomix.py::test_concept_head_matches_autograd) holding a single
+    (N, C) tensor, z, where autograd would hold the loss's and the TopK's (N, C) gradients beside it: the
+    backward walks chunks of positions, builds each chunk's dz (softmax(z) minus the labels' one-hot mean,
+    plus the TopK values' gradients) and multiplies it into dx, dW, db in the forward's autocast dtype.
+    z is computed and ranked in fp32: bf16 logits tie at the k-th value in about half the positions, which
+    would leave the choice of concepts to the kernel. `steer` = (indices, amounts, mode) changes those
+    entries of z before the TopK (generation: no gradient flows through it)."""
 
     @staticmethod
-    def forward(ctx, z, labels, chunk=1024):
-        lse = torch.cat([torch.logsumexp(z[s:s + chunk].float(), dim=-1) for s in range(0, z.size(0), chunk)])
-        ctx.save_for_backward(z, labels, lse)
+    def forward(ctx, x, weight, bias, labels, k, steer=None, chunk=1024):
+        device_type = x.device.type
+        autocast = torch.is_autocast_enabled(device_type)
+        ctx.mm_dtype = torch.get_autocast_dtype(device_type) if autocast else x.dtype
+        with torch.autocast(device_type, enabled=False):
+            z = F.linear(x.float(), weight.float(), bias.float())
+        if steer is not None:
+            index, amount, mode = steer
+            chosen = z[..., index]
+            z[..., index] = chosen * amount if mode == "scale" else chosen + amount
+        values, indices = z.topk(k, dim=-1)
+        loss, lse = z.new_zeros(()), None
+        if labels is not None:
+            lse = torch.cat([torch.logsumexp(z[s:s + chunk], dim=-1) for s in range(0, z.size(0), chunk)])
+            loss = (lse - z.gather(-1, labels).mean(dim=-1)).mean()
+        ctx.save_for_backward(x, weight, z, indices, labels, lse)
         ctx.chunk = chunk
-        return (lse - z.gather(-1, labels).float().mean(dim=-1)).mean()
+        ctx.mark_non_differentiable(z, indices)
+        # an unused output's gradient stays None rather than a tensor of zeros: z's would be (N, C)
+        ctx.set_materialize_grads(False)
+        return z, values, indices, loss
 
     @staticmethod
-    def backward(ctx, grad_out):
-        z, labels, lse = ctx.saved_tensors
-        scale = grad_out / z.size(0)
-        grad = torch.empty_like(z)
-        for s in range(0, z.size(0), ctx.chunk):
-            # d/dz of the mean: softmax(z) - the labels' one-hot mean, scaled
-            g = torch.exp(z[s:s + ctx.chunk].float() - lse[s:s + ctx.chunk, None]) * scale
-            lab = labels[s:s + ctx.chunk]
-            grad[s:s + ctx.chunk] = g.scatter_add_(-1, lab, (-scale / lab.size(-1)).expand(lab.shape).contiguous())
-        return grad, None, None
+    def backward(ctx, _, grad_values, __, grad_loss):
+        x, weight, z, indices, labels, lse = ctx.saved_tensors
+        dt, n = ctx.mm_dtype, z.size(0)
+        w = weight.to(dt)
+        dx = torch.empty(x.shape, dtype=dt, device=x.device)
+        dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        db = torch.zeros(weight.size(0), dtype=torch.float32, device=x.device)
+        for s in range(0, n, ctx.chunk):
+            e = min(s + ctx.chunk, n)
+            if labels is None or grad_loss is None:
+                g = z.new_zeros(e - s, z.size(1))
+            else:
+                # d/dz of the mean over positions and labels: softmax(z) - the labels' one-hot mean
+                g = (z[s:e] - lse[s:e, None]).exp_().mul_(grad_loss / n)
+                lab = labels[s:e]
+                g.scatter_add_(-1, lab, (-grad_loss / (n * lab.size(-1))).expand(lab.shape).contiguous())
+            if grad_values is not None:
+                g.scatter_add_(-1, indices[s:e], grad_values[s:e].float())
+            db += g.sum(0)
+            g = g.to(dt)
+            dx[s:e] = g @ w
+            dw += (g.t() @ x[s:e].to(dt)).float()
+            # this chunk's temporary goes before the next one is made
+            del g
+        return dx.to(x.dtype), dw.to(weight.dtype), db.to(weight.dtype), None, None, None, None
 
 
 class GPT(nn.Module):
@@ -371,11 +407,11 @@ class GPT(nn.Module):
         # predict concepts and mix them in: interleaved to (h_1, c_hat_1, h_2, c_hat_2, ...), 2T positions
         # under ordinary causal attention, or added to the hidden states. The interleave and the readout
         # are rebuilt by hand in tests/test_cocomix.py::test_interleaving_order_and_readout_by_hand
-        prediction = None
+        prediction, c_loss = None, None
         if self.pause is not None:
             c_hat = self.pause.to(x.dtype).expand_as(x)
         elif isinstance(self.concepts, ConceptMixer):
-            c_hat, prediction = self.concepts(x, steer, steer_mode)
+            c_hat, prediction, c_loss = self.concepts(x, steer, steer_mode, concept_labels)
         elif self.concepts is not None:
             c_hat, prediction = self.concepts(x)
         if mixing == "interleave":
@@ -402,10 +438,8 @@ class GPT(nn.Module):
         if targets is None:
             return Output(logits, concept_logits=concept_logits)
         ntp_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-        loss, c_loss, k_loss = ntp_loss, None, None
-        if concept_labels is not None:
-            c_loss = ConceptLoss.apply(prediction.flatten(0, -2), concept_labels.flatten(0, -2))
-        elif teacher_hidden is not None:
+        loss, k_loss = ntp_loss, None
+        if teacher_hidden is not None:
             c_loss = hidden_state_loss(prediction, teacher_hidden, cfg.hidden_loss)
         if c_loss is not None:
             loss = loss + cfg.lam_concept * c_loss
@@ -622,6 +656,19 @@ def load_checkpoint(path, map_location="cpu"):
     if missing:
         raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt
+
+
+# Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
+PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
+              "4090": 165e12}
+
+
+def peak_flops(device):
+    """The dense bf16 peak FLOP/s of a CUDA device, for MFU; None for a CPU or an unlisted GPU."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
 
 
 def device_and_autocast(device="auto", dtype="auto"):

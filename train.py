@@ -12,7 +12,7 @@ one loop from a laptop CPU to many GPUs.
 import math
 import os
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict
 from functools import lru_cache
 
@@ -25,12 +25,8 @@ from attribution import LABEL_SETTINGS, LabelCache, load_labeler, load_teacher
 from configurator import configure
 from eval import evaluate, load_docs, parse_tasks, val_windows
 from files import atomic_write, metrics_log
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint, peak_flops
 from prepare import Tokenizer, load_meta
-
-# Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.
-PEAK_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12,
-              "4090": 165e12}
 
 # I/O
 out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
@@ -73,6 +69,7 @@ sae_layer = 5  # the teacher block whose output the SAE reads (L_con); objective
 label_source = "pre"  # attribution with 'pre' (the paper) or 'post' (the authors' release) activations
 label_sign = "literal"  # 'literal' (eq. 1 as written), 'abs' or 'neg'
 label_cache = ""  # a cache folder made by attribution.py; empty: label each batch online with the teacher
+label_dtype = "float32"  # the teacher's precision as it labels: 'float32' (the authors'), 'bfloat16' (faster)
 # optimisation (the paper's: AdamW, warm-up over 1/300 of the steps, cosine to 10%)
 learning_rate = 6e-4  # peak learning rate
 max_iters = 40000  # optimiser steps
@@ -115,6 +112,18 @@ master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+
+
+@contextmanager
+def first_per_host():
+    """The block runs in each host's first process, then in the others: a download (GPT-2, the SAE) reaches
+    the host's cache once, and the others read it there."""
+    if ddp and local_rank != 0:
+        dist.barrier()
+    yield
+    if ddp and local_rank == 0:
+        dist.barrier()
+
 
 tokens_per_pass = batch_size * block_size * world_size
 if batch_tokens % tokens_per_pass:
@@ -162,20 +171,22 @@ if objective != "ntp" and init_from not in ("scratch", "resume"):
     raise SystemExit("error: init_from a GPT-2 trains with objective='ntp' (GPT-2 has no concept mixer to start from)")
 distill = objective in ("kd", "pause_kd")
 teacher_model, labeler, label_caches = None, None, {}
+
 try:
-    if objective == "cocomix" and label_cache:
-        expect = {k: config[k] for k in LABEL_SETTINGS}
-        label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
-    elif objective == "cocomix":
-        labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
-                               meta["vocab_size"], block_size)
-        if labeler.sae.n_concepts != n_concepts:
-            raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
-    elif distill or objective == "hidden":
-        teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
-        if objective == "hidden" and not 0 <= sae_layer < teacher_model.config.n_layer:
-            raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of "
-                             f"{teacher_model.config.n_layer} blocks")
+    with first_per_host():
+        if objective == "cocomix" and label_cache:
+            expect = {k: config[k] for k in LABEL_SETTINGS}
+            label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
+        elif objective == "cocomix":
+            labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
+                                   meta["vocab_size"], block_size, label_dtype=label_dtype)
+            if labeler.sae.n_concepts != n_concepts:
+                raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
+        elif distill or objective == "hidden":
+            teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
+            if objective == "hidden" and not 0 <= sae_layer < teacher_model.config.n_layer:
+                raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of "
+                                 f"{teacher_model.config.n_layer} blocks")
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: the teacher or the concept labels: {e}")
 
@@ -234,8 +245,9 @@ if distill:
     model_args["lam_kd"] = lam_kd
 # the settings a resumed run must share with its checkpoint (one from before a setting existed ran at its default)
 resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", *CONCEPT_ARGS, "k_attr",
-               "label_source", "label_sign", "label_score", "teacher", "sae_layer", "hidden_loss", "lam_kd")
-old_defaults = {"label_score": "attribution", "hidden_loss": "l2", "lam_kd": 0.1}
+               "label_source", "label_sign", "label_score", "label_dtype", "teacher", "sae_layer", "hidden_loss",
+               "lam_kd")
+old_defaults = {"label_score": "attribution", "label_dtype": "float32", "hidden_loss": "l2", "lam_kd": 0.1}
 start_step, ckpt = 0, None
 # torchrun --max-restarts reruns the same command after a worker fails: the rerun continues from the checkpoint
 if init_from == "scratch" and restart and os.path.exists(os.path.join(out_dir, "ckpt.pt")):
@@ -260,7 +272,8 @@ elif init_from == "resume":
         raise SystemExit(0)
 else:
     try:
-        model = GPT.from_pretrained(init_from, dropout=dropout)
+        with first_per_host():
+            model = GPT.from_pretrained(init_from, dropout=dropout)
     except ValueError as e:
         raise SystemExit(f"error: init_from: {e}")
     if model.config.vocab_size != meta["vocab_size"]:
@@ -402,10 +415,7 @@ def log(record):
 
 def estimate_mfu(tokens_per_s):
     """Model FLOPs utilisation of one process against its GPU's dense bf16 peak; None where unknown."""
-    if device_type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(device)
     return None if peak is None else raw_model.flops_per_token() * tokens_per_s / peak
 
 

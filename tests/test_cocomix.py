@@ -45,6 +45,19 @@ def test_kv_cache_generation_equals_full_recomputation(mixing, steer):
     assert torch.equal(model.generate(idx, 30, temperature=0, steer=steer), expected)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_kv_cache_generation_equals_full_recomputation_under_bf16(seed):
+    """Under bf16 autocast the cached steps run other shapes (one token against a prompt) than the
+    recomputation; 4,096 concepts, so that bf16 logits would tie at the TopK boundary."""
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(block_size=32, vocab_size=37, n_layer=3, n_head=2, n_embd=32, n_concepts=4096,
+                          concept_topk=32, concept_layer=1)).eval()
+    idx = torch.randint(0, 37, (2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = greedy_by_recomputation(model, idx, 40)
+        assert torch.equal(model.generate(idx, 40, temperature=0), expected)
+
+
 def test_steering_moves_the_concepts_and_scale_one_changes_nothing():
     model = cocomix()
     x = torch.randint(0, 37, (2, 12))
@@ -136,19 +149,47 @@ def test_compressor_gradient_touches_only_the_topk_columns():
     assert touched == used
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_chunked_concept_loss_matches_autograd(dtype):
-    from model import ConceptLoss
+@pytest.mark.parametrize("autocast", [False, True])
+def test_concept_head_matches_autograd(autocast):
+    """ConceptHead against the textbook form in float64 autograd: the loss of eq. 2, the TopK, and the
+    gradients of x, W_pred and b_pred from both the loss and the TopK values (weighted as c_hat would)."""
+    from model import ConceptHead
     torch.manual_seed(0)
-    z = (torch.randn(37, 50) * 3).to(dtype).requires_grad_()
+    x = torch.randn(37, 16, requires_grad=True)
+    w, b = (torch.randn(50, 16) / 4).requires_grad_(), torch.randn(50).requires_grad_()
     labels = torch.randint(0, 50, (37, 4))
     labels[0] = torch.tensor([5, 5, 9, 5])  # repeated labels count each time
-    ours = ConceptLoss.apply(z, labels, 8)  # chunks of 8 positions: the last one short
-    ours.backward()
-    ref_z = z.detach().double().requires_grad_()
-    ref = -torch.log_softmax(ref_z, -1).gather(-1, labels).mean()
-    ref.backward()
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
-    assert abs(ours.item() - ref.item()) < tol
-    assert z.grad.dtype == dtype
-    torch.testing.assert_close(z.grad.double(), ref_z.grad, atol=tol / 10, rtol=tol)
+    weights = torch.randn(37, 6)  # how the TopK values enter what follows
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        z, values, indices, loss = ConceptHead.apply(x, w, b, labels, 6, None, 8)  # chunks of 8: the last short
+    (loss + (values * weights).sum()).backward()
+    assert z.dtype == values.dtype == torch.float32
+    ref = [t.detach().double().requires_grad_() for t in (x, w, b)]
+    ref_z = ref[0] @ ref[1].t() + ref[2]
+    ref_loss = -torch.log_softmax(ref_z, -1).gather(-1, labels).mean()
+    top = ref_z.topk(6, dim=-1)
+    (ref_loss + (top.values * weights.double()).sum()).backward()
+    assert torch.equal(indices, top.indices)
+    torch.testing.assert_close(z.double(), ref_z, atol=1e-5, rtol=1e-5)
+    assert abs(loss.item() - ref_loss.item()) < 1e-5
+    # the backward's products run in the autocast dtype, as autocast would run them: bf16's relative error
+    for ours, theirs in zip((x, w, b), ref):
+        assert ours.grad.dtype == torch.float32
+        if autocast:
+            assert (ours.grad.double() - theirs.grad).norm() < 1e-2 * theirs.grad.norm()
+        else:
+            torch.testing.assert_close(ours.grad.double(), theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_concept_topk_ranks_in_fp32_under_bf16_autocast():
+    """Logits that tie once rounded to bf16 but not in fp32: the TopK keeps the larger fp32 one, as without
+    autocast, wherever it sits in the row."""
+    from model import ConceptHead
+    w = torch.zeros(64, 2)
+    w[:, 0] = 1 + torch.arange(64) * 2.0 ** -16  # all round to 1.0 in bf16 (8 bits of mantissa)
+    w[:, 0] = w[:, 0][torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    x = torch.tensor([[1.0, 0.0]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert F.linear(x, w).unique().numel() == 1
+        _, _, indices, _ = ConceptHead.apply(x, w, torch.zeros(64), None, 4)
+    assert indices.flatten().tolist() == w[:, 0].topk(4).indices.tolist()

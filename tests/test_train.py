@@ -29,12 +29,17 @@ def test_loss_falls(char_data, tmp_path):
     assert val[-1][1] < val[0][1] - 0.5
 
 
-def test_two_processes_match_one(char_data, tmp_path):
+@pytest.mark.parametrize("objective", ["ntp", "cocomix"])
+def test_two_processes_match_one(char_data, concept_parts, tmp_path, objective):
     # the same global batch of 8 sequences: one process accumulates 2 x 4, two processes take 4 each; eval.py's
-    # val task too, which every process scores
-    run("train.py", *train_args(char_data, tmp_path / "one", eval_tasks="val"))
+    # val task too, which every process scores. CoCoMix labels online, each process its own share.
+    def args(out):
+        if objective == "ntp":
+            return train_args(char_data, out, eval_tasks="val")
+        return cocomix_args(char_data, concept_parts, out, eval_tasks="val", batch_size=4)
+    run("train.py", *args(tmp_path / "one"))
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "train.py"), *train_args(char_data, tmp_path / "two", eval_tasks="val")],
+                           os.path.join(ROOT, "train.py"), *args(tmp_path / "two")],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "2 process(es) x 1 accumulation step(s)" in proc.stdout

@@ -1,0 +1,129 @@
+"""bench.py's instruments: the live-bytes counter behind the memory estimates, and the FLOP counts behind the
+floor, each against an independent computation."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from attribution import ConceptLabeler
+from bench import LiveBytes, labeler_flops_per_token
+from model import GPT, GPTConfig
+from sae import TopKSAE
+
+
+def test_live_bytes_by_hand():
+    with LiveBytes() as live:
+        a = torch.empty(1000)  # 4,000 bytes
+        view = a.view(10, 100)  # the same storage: no new bytes
+        b = torch.empty(500)  # 2,000
+        assert live.now == 6000
+        del a
+        assert live.now == 6000  # the view keeps the storage
+        del view, b
+        assert live.now == 0 and live.peak == 6000
+    with LiveBytes() as live:
+        x = torch.ones(250, requires_grad=True)  # 1,000
+        y = x.exp()  # 1,000, saved by autograd for the backward
+        loss = y.sum()  # 4
+        del y
+        assert live.now == 2004
+        # the backward adds the loss's gradient (4) and x's (1,000), then the graph lets y go
+        loss.backward()
+        assert live.now == 2004  # x, loss and x.grad
+        del loss
+        assert live.now == 2000  # x and x.grad
+    assert live.peak == 3008
+
+
+def tiny_step(fake):
+    """LiveBytes' peak over a CoCoMix training step, and the step's batch in tokens."""
+    def run():
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(block_size=64, vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_concepts=2048,
+                              concept_topk=4, concept_layer=1))
+        x, y = torch.randint(0, 300, (4, 64)), torch.randint(0, 300, (4, 64))
+        labels = torch.randint(0, 2048, (4, 64, 4))
+        model(x, y, labels).loss.backward()
+        with LiveBytes() as live:
+            model(x, y, labels).loss.backward()
+        return live.peak
+    if fake:
+        with FakeTensorMode():
+            return run()
+    return run()
+
+
+def test_fake_tensors_count_what_real_ones_hold():
+    assert tiny_step(fake=True) == tiny_step(fake=False)
+
+
+def peak_above_weights(n_concepts):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=64, vocab_size=50, n_layer=2, n_head=2, n_embd=16, n_concepts=n_concepts,
+                          concept_topk=4, concept_layer=1))
+    x, y = torch.randint(0, 50, (64, 64)), torch.randint(0, 50, (64, 64))
+    labels = torch.randint(0, n_concepts, (64, 64, 4))
+    with LiveBytes() as live:
+        model(x, y, labels).loss.backward()
+    return live.peak
+
+
+def test_the_concept_head_holds_one_btc_tensor():
+    """A CoCoMix step with C = 8,192 concepts against the same with 8 holds one (B, T, C) fp32 tensor more (the
+    logits z) and a temporary of ConceptHead's chunk of 1,024 positions, here a quarter of them."""
+    btc = 64 * 64 * 8192 * 4
+    extra = peak_above_weights(8192) - peak_above_weights(8)
+    assert btc < extra <= 1.26 * btc
+
+
+class Flops(TorchDispatchMode):
+    """Counts the FLOPs of every matrix product that runs, by torch's own table (FlopCounterMode's, whose module
+    hooks do not survive the labeler's autograd.grad). Attention runs as the math backend's products, since the
+    table lacks the CPU's flash kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+        self.math = sdpa_kernel(SDPBackend.MATH)
+
+    def __enter__(self):
+        self.math.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.math.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._overloadpacket in flop_registry:
+            self.total += flop_registry[func._overloadpacket](*args, **(kwargs or {}), out_val=out)
+        return out
+
+
+def test_labeler_flops_match_a_flop_counter():
+    """The count bench.py puts beside the online labeller's time, against the products that run."""
+    torch.manual_seed(0)
+    teacher = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=4, n_head=2, n_embd=32, bias=False))
+    x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    for score in ("attribution", "activation"):
+        labeler = ConceptLabeler(teacher, TopKSAE(256, 32, 8), sae_layer=1, k_attr=4, label_score=score)
+        with Flops() as counter:
+            labeler(x, y)
+        assert labeler_flops_per_token(labeler, 32) * x.numel() == counter.total, score
+
+
+@pytest.mark.parametrize("concepts", [{}, dict(n_concepts=512, concept_topk=4, concept_layer=1)])
+def test_model_flops_per_token_match_a_flop_counter(concepts):
+    """GPT.flops_per_token, the floor's numerator and denominator, against the products of a training step.
+    The count also charges the biases and LayerNorm gains and the TopK columns of W_comp at 6 per weight,
+    which run as no matmul: they make the small difference allowed."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=32, vocab_size=97, n_layer=3, n_head=2, n_embd=32, **concepts))
+    x, y = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    labels = torch.randint(0, 512, (2, 32, 4)) if concepts else None
+    with Flops() as counter:
+        model(x, y, labels).loss.backward()
+    assert model.flops_per_token() * x.numel() == pytest.approx(counter.total, rel=0.03)
