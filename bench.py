@@ -244,7 +244,11 @@ def bench_train_mode():
     name = ("ntp_" if mode == "ntp" else "cocomix_") + pair
     step, model, _, labeler, _ = build(name, None if mode == "ntp" else mode, device, autocast, batch_size)
     dt, peak, extra = timed(step, device)
-    print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": model.get_num_params(),
+    # the attention kernel SDPA chose (flash, memory-efficient, cuDNN or math), as the profiler names it
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step()
+    sdpa = sorted({e.name for e in prof.events() if e.name.startswith("aten::_") and "attention" in e.name})
+    print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": model.get_num_params(), "sdpa": sdpa,
                       "flops": model.flops_per_token(),
                       "labeler_flops": labeler_flops_per_token(labeler, block_size) if labeler else 0,
                       "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}))
@@ -279,6 +283,7 @@ def bench_train():
               f"{mfu:>6} {r['peak'] / 2**20:9,.0f}")
     print("  FLOPs: GPT.flops_per_token, and for online labels the teacher's forward + backward to sae_layer and the "
           "SAE (bench.labeler_flops_per_token); MFU against the GPU's dense bf16 peak")
+    print(f"  attention kernels (NTP's step): {', '.join(ntp['sdpa'])}")
 
 
 def bench_memory():

@@ -45,15 +45,16 @@ def test_kv_cache_generation_equals_full_recomputation(mixing, steer):
     assert torch.equal(model.generate(idx, 30, temperature=0, steer=steer), expected)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 @pytest.mark.parametrize("seed", range(3))
-def test_kv_cache_generation_equals_full_recomputation_under_bf16(seed):
+def test_kv_cache_generation_equals_full_recomputation_under_bf16(seed, device):
     """Under bf16 autocast the cached steps run other shapes (one token against a prompt) than the
     recomputation; 4,096 concepts, so that bf16 logits would tie at the TopK boundary."""
     torch.manual_seed(seed)
     model = GPT(GPTConfig(block_size=32, vocab_size=37, n_layer=3, n_head=2, n_embd=32, n_concepts=4096,
-                          concept_topk=32, concept_layer=1)).eval()
-    idx = torch.randint(0, 37, (2, 5))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+                          concept_topk=32, concept_layer=1)).eval().to(device)
+    idx = torch.randint(0, 37, (2, 5), device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         expected = greedy_by_recomputation(model, idx, 40)
         assert torch.equal(model.generate(idx, 40, temperature=0), expected)
 
