@@ -1,11 +1,14 @@
 """
-The whole method on the built-in corpus, offline, in one command on a CPU:
+The whole method on the built-in corpus, offline, in one command on a CPU, or on a corpus of your own:
 
     python pipeline.py                        # every stage; a rerun skips what is done and still valid
     python pipeline.py --stage=sae            # one stage, once the stages before it are done
     python pipeline.py --student_iters=600    # any setting: the stages it changes, and those after, rerun
+    python prepare.py text --input='books/*.txt' --data_dir=data/books && \
+        python pipeline.py config/pipeline_cpu.py --data_dir=data/books --out_dir=out-books
 
-  prepare   python prepare.py topics: 8 planted topics over shared grammar, names that recur (topics.py)
+  prepare   python prepare.py topics: 8 planted topics over shared grammar, names that recur (topics.py);
+            a data_dir not named 'topics' is a corpus prepare.py made already, and this stage only reads it
   teacher   a GPT trained with next-token prediction (train.py)
   sae       a TopK SAE on the teacher's middle block (train_sae.py)
   labels    the attribution labels of every train and val token (attribution.py)
@@ -50,7 +53,7 @@ from files import write_text  # noqa: E402
 from prepare import load_meta  # noqa: E402
 
 out_dir = "out-pipeline"  # every stage's output and the report go here
-data_dir = "data/topics"  # the built-in corpus
+data_dir = "data/topics"  # the built-in corpus (made here); any other folder: a corpus prepare.py made
 stage = "all"  # 'all', or one of prepare, teacher, sae, labels, students, report
 corpus_chars = 4_000_000  # corpus size in characters (about 4.7 per word token), 5% of it held out
 corpus_seed = 0  # the corpus is a function of this seed and its size
@@ -83,6 +86,8 @@ steer_samples = 16  # generations per steering condition
 steer_tokens = 100  # tokens per generation
 steer_scales = "5,10"  # concept-logit scales compared with no steering (paper §3.2)
 steer_adds = "10"  # concept-logit additions compared with no steering (they can lift a negative logit)
+inspect_concepts = 8  # a corpus of your own: the SAE latents (those that fire most) whose top contexts the report shows
+steer_concepts = ""  # a corpus of your own: latents to steer, e.g. '12,873' (by their contexts); empty: 3 most frequent
 
 STAGES = ("prepare", "teacher", "sae", "labels", "students", "report")
 VAL_FRACTION = 0.05
@@ -119,6 +124,12 @@ def tool(script, *args, threads, log=None, **settings):
             code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     if code:
         raise SystemExit(f"error: {script} failed (see {log or 'above'}); fix that and rerun `python pipeline.py`")
+
+
+def built_in(cfg):
+    """Whether data_dir is the built-in corpus, which the prepare stage makes (a folder named 'topics'), rather
+    than a user's, which prepare.py made already."""
+    return os.path.basename(os.path.normpath(cfg.data_dir)) == "topics"
 
 
 def resume_from(folder):
@@ -231,6 +242,11 @@ def make_steps(cfg):
     prepare = Step("prepare", "prepare", out("prepare"), [], corpus, outputs=corpus_ready, run=lambda folder: tool(
         "prepare.py", "topics", data_dir=cfg.data_dir, corpus_chars=cfg.corpus_chars, corpus_seed=cfg.corpus_seed,
         val_fraction=VAL_FRACTION, threads=cfg.threads))
+    # a user's corpus: the stage records what prepare.py made (a corpus prepared anew makes the rest stale)
+    if not built_in(cfg):
+        meta = load_meta(cfg.data_dir)
+        made = {k: meta.get(k) for k in ("source", "tokenizer", "vocab_size", "train_tokens", "val_tokens")}
+        prepare = Step("prepare", "prepare", out("prepare"), [], made, outputs=lambda: True, run=lambda folder: None)
 
     teacher = Step("teacher", "teacher", teacher_dir, [prepare], {**shape, **settings("teacher_iters")},
                    outputs=exists(os.path.join(teacher_dir, "ckpt.pt")), run=lambda folder: tool(
@@ -321,7 +337,8 @@ def make_steps(cfg):
     chosen = "all" if cfg.variants == "all" else "+".join(variants)
     report_folder = os.path.join(students_dir, f"report-{chosen}" if chosen else "report")
     report_step = Step("report", "report", report_folder, [teacher, sae, *label_steps, *students],
-                       settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds"),
+                       settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds", "inspect_concepts",
+                                "steer_concepts"),
                        outputs=exists(*report.paths(report_folder).values()), run=lambda folder: report.write_report(
                            cfg, students_dir, folder, {s.name: s.record()["seconds"] for s in before_report}))
     return [*before_report, report_step]
@@ -339,6 +356,12 @@ def main():
         except ValueError:
             raise SystemExit(f"error: {key} must be numbers separated by commas, e.g. '5,10', "
                              f"not {getattr(cfg, key)!r}")
+    try:
+        if not all(0 <= int(i) < cfg.n_concepts for i in cfg.steer_concepts.split(",") if i):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"error: steer_concepts must be concept indices in [0, {cfg.n_concepts}) separated by "
+                         f"commas, e.g. '12,873', not {cfg.steer_concepts!r}") from None
     variants = chosen_variants(cfg)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or len(set(variants)) < len(variants):
@@ -349,6 +372,11 @@ def main():
         raise SystemExit(f"error: seeds, jobs and threads must be at least 1 (got {cfg.seeds}, {cfg.jobs}, "
                          f"{cfg.threads}) and n_embd and student_n_embd multiples of n_head (got {cfg.n_embd}, "
                          f"{n_embd} and {cfg.n_head})")
+    if not built_in(cfg):
+        try:
+            load_meta(cfg.data_dir)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: {e}")
     # the report runs here: on `threads` too
     torch.set_num_threads(cfg.threads)
     chosen = [s for s in make_steps(cfg) if cfg.stage in ("all", s.stage)]

@@ -1,7 +1,8 @@
 """
-The report of pipeline.py on the built-in corpus: CoCoMix against NTP over seeds (validation
-curves, sample efficiency, concept accuracy), the steering measurement (paper §3.2) on the planted
-topics, a plot, and out_dir/report.md, report.json and report.png.
+The report of pipeline.py: CoCoMix against NTP over seeds (validation curves, sample efficiency,
+concept accuracy), a plot, and out_dir/report.md, report.json and report.png. On the built-in corpus
+it measures steering (paper §3.2) on the planted topics; on a corpus of the user's it says what the
+concepts are (their top contexts, concepts.py) and measures steering by what the teacher reads back.
 """
 
 import json
@@ -12,11 +13,12 @@ import time
 import numpy as np
 import torch
 
+import concepts
 import topics
 from files import atomic_write, progress, write_text
 from model import GPT, GPTConfig, device_and_autocast, load_checkpoint
 from prepare import Tokenizer, load_meta
-from sae import TopKSAE
+from sae import TopKSAE, steering_hook
 
 
 # how the report names the two rows every run has; the variants go by their names in pipeline.VARIANTS
@@ -179,6 +181,70 @@ def steering(cfg, folder, device, autocast, detail):
             "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in steers]}
 
 
+def real_text(cfg, students_dir, device, autocast):
+    """On a corpus of the user's: the teacher's SAE latents that fire most, with their top tokens and contexts;
+    the concepts the seed-1 CoCoMix student predicts most; and steering measured. For each concept steered
+    (steer_concepts, or the three latents that fire most), samples after real prompts (the first 8 tokens
+    of steer_samples validation windows), from the student with the concept's logit scaled or raised and from
+    the teacher with its SAE latent scaled (paper §3.2), each read back by the teacher: the latent's mean
+    activation, the share of its top tokens, and the teacher's perplexity (the cost in fluency)."""
+    meta = load_meta(cfg.data_dir)
+    tok = Tokenizer(meta)
+    val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
+    teacher = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
+    sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
+    student = GPT.from_checkpoint(load_checkpoint(os.path.join(students_dir, "cocomix-1"))).to(device).eval()
+    chosen = [int(i) for i in cfg.steer_concepts.split(",") if i]
+    with autocast:
+        table = concepts.inspect(teacher, sae, cfg.sae_layer, val, cfg.block_size, n_latents=cfg.inspect_concepts,
+                                 top=10, also=chosen)
+        most = concepts.predicted(student, val, cfg.block_size)
+    for row in table:
+        positions = [p for _, p in row["examples"]]
+        row["tokens"] = list(dict.fromkeys(tok.decode([int(val[p])]) for p in positions))
+        row["contexts"] = [concepts.context(val, p, tok) for p in positions[:3]]
+    by_latent = {row["latent"]: row for row in table}
+    chosen = chosen or [row["latent"] for row in table[:3]]
+
+    starts = np.linspace(0, len(val) - cfg.block_size, cfg.steer_samples).astype(int)
+    x = torch.tensor(np.stack([val[s:s + 8] for s in starts]).astype(np.int64), device=device)
+    scales = [float(v) for v in cfg.steer_scales.split(",")]
+    adds = [float(v) for v in cfg.steer_adds.split(",")]
+
+    def generate(model, **steer):
+        # the same sampling noise in every condition
+        torch.manual_seed(0)
+        with torch.no_grad(), autocast:
+            return model.generate(x, cfg.steer_tokens, temperature=1.0, **steer)[:, x.size(1):]
+
+    def measured(latent, y):
+        top = {int(val[p]) for _, p in by_latent[latent]["examples"]}
+        with autocast:
+            values = concepts.read_back(teacher, sae, cfg.sae_layer, y, latent, top)
+        return dict(zip(("activation", "top_token_share", "perplexity"), (mean_std(v) for v in values)))
+
+    rows = []
+    plain = {"student": generate(student), "teacher": generate(teacher)}
+    for latent in progress(chosen, desc="steering", unit="concept"):
+        for who in ("student", "teacher"):
+            rows.append({"concept": latent, "model": who, "condition": "none", **measured(latent, plain[who])})
+        for v in scales:
+            rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}",
+                         **measured(latent, generate(student, steer={latent: v}))})
+            # the teacher writes with its latent steered, and reads back unsteered
+            hook = teacher.transformer.h[cfg.sae_layer].register_forward_hook(steering_hook(sae, {latent: v}))
+            try:
+                y = generate(teacher)
+            finally:
+                hook.remove()
+            rows.append({"concept": latent, "model": "teacher", "condition": f"×{v:g}", **measured(latent, y)})
+        for v in adds:
+            rows.append({"concept": latent, "model": "student", "condition": f"+{v:g}",
+                         **measured(latent, generate(student, steer={latent: v}, steer_mode="add"))})
+    return {"concepts": table, "predicted": most, "steering_measured": rows,
+            "steering_prompts": [tok.decode(p) for p in x.tolist()], "steering_effect": {}, "steering_columns": []}
+
+
 def plot(path, r, seeds):
     """Validation NTP loss against training tokens and the final loss of every row, mean ± std over the seeds."""
     import matplotlib
@@ -199,7 +265,8 @@ def plot(path, r, seeds):
     # the top of the plot: the highest loss after the first evaluation, which is far above the rest
     top = max(float(l[:, min(1, l.shape[1] - 1)].max()) for l in losses.values()) + 0.1
     ax.set(xlabel="training tokens (thousands)", ylabel="validation NTP loss (nats/token)",
-           title=f"built-in corpus, mean ± std over {seeds} seeds", ylim=(None, top))
+           title=f"{'built-in corpus' if 'steering' in r else r['settings']['data_dir']}, mean ± std over {seeds} "
+                 f"seeds", ylim=(None, top))
     ax.legend(fontsize=7)
     final = [r["final_val_ntp_loss"][n] for n in names]
     bars.barh(range(len(names)), [m for m, _ in final], xerr=[s for _, s in final], color=[colors[n] for n in names])
@@ -219,15 +286,19 @@ def write_report(cfg, students_dir, folder, stage_seconds):
     are the times of the stages before it."""
     t0 = time.time()
     device, _, autocast = device_and_autocast()
+    from pipeline import built_in
     r = {"settings": vars(cfg), **training(cfg, students_dir)}
-    r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
-    # the steering effect of every other row whose concepts reach the stream
-    r["steering_effect"] = {"cocomix": r["steering_effect"]}
-    for n in r["rows"][2:]:
-        args = load_checkpoint(os.path.join(students_dir, f"{n}-1"))["model_args"]
-        if args.get("n_concepts") and args.get("mixing") != "none":
-            r["steering_effect"][n] = steering(cfg, os.path.join(students_dir, f"{n}-1"), device, autocast,
-                                               detail=False)["steering_effect"]
+    if built_in(cfg):
+        r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
+        # the steering effect of every other row whose concepts reach the stream
+        r["steering_effect"] = {"cocomix": r["steering_effect"]}
+        for n in r["rows"][2:]:
+            args = load_checkpoint(os.path.join(students_dir, f"{n}-1"))["model_args"]
+            if args.get("n_concepts") and args.get("mixing") != "none":
+                r["steering_effect"][n] = steering(cfg, os.path.join(students_dir, f"{n}-1"), device, autocast,
+                                                   detail=False)["steering_effect"]
+    else:
+        r.update(real_text(cfg, students_dir, device, autocast))
     plot(paths(folder)["png"], r, cfg.seeds)
     times = {**stage_seconds, "report": time.time() - t0}
     r.update(machine=machine(device), stage_seconds_total=sum(times.values()), stage_seconds=times)
@@ -278,8 +349,9 @@ def markdown(r):
     columns = r["steering_columns"]
     titles = [c.replace("steer_x", "steer ×").replace("steer_plus", "steer +") for c in columns]
     n_layer, width = s["student_n_layer"] or s["n_layer"], s["student_n_embd"] or s["n_embd"]
+    topic_steering = "steering" in r
     lines = [
-        "# CoCoMix against NTP on the built-in corpus",
+        "# CoCoMix against NTP on " + ("the built-in corpus" if topic_steering else f"`{s['data_dir']}`"),
         "",
         verdict,
         "",
@@ -309,13 +381,13 @@ def markdown(r):
         f"({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's training FLOPs), "
         f"hidden-state prediction the teacher's blocks up to {s['sae_layer']}; CoCoMix's labels were made once per "
         f"corpus token and cached. Concept accuracy is against each row's own labels (activation labels for the "
-        f"activation row). Steering: the topic-word rate gained, mean over the topics, with the topic's concept "
-        f"steered (seed 1).",
+        f"activation row)." + (" Steering: the topic-word rate gained, mean over the topics, with the topic's "
+                               "concept steered (seed 1)." if topic_steering else ""),
         "",
         "| row | what it is | active parameters | FLOPs/token ÷ NTP | final validation NTP loss | against NTP | "
-        f"tokens to reach NTP's final | concept top-{s['k_attr']} accuracy | steering effect "
-        f"({', '.join(titles)}) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"tokens to reach NTP's final | concept top-{s['k_attr']} accuracy |"
+        + (f" steering effect ({', '.join(titles)}) |" if topic_steering else ""),
+        "|---|---|---|---|---|---|---|---|" + ("---|" if topic_steering else ""),
     ]
     from pipeline import VARIANTS
     what = {"ntp": "next-token prediction, width matched to CoCoMix's active parameters",
@@ -330,8 +402,13 @@ def markdown(r):
             f"{r['flops_per_token'][n] / r['flops_per_token']['ntp']:.2f} | {m:.4f} ± {sd:.4f} | "
             f"{r['against_ntp'][n]} | "
             + ("not reached" if reach_n is None else f"{100 * reach_n / total:.0f}%") + " | "
-            + ("–" if acc_n is None else f"{pct(acc_n[0])} ± {pct(acc_n[1])}") + " | "
-            + ("–" if effect is None else ", ".join(f"{100 * effect[c]:+.1f} pts" for c in columns)) + " |")
+            + ("–" if acc_n is None else f"{pct(acc_n[0])} ± {pct(acc_n[1])}") + " |"
+            + ((" – |" if effect is None else " " + ", ".join(f"{100 * effect[c]:+.1f} pts" for c in columns) + " |")
+               if topic_steering else ""))
+    times = ", ".join(f"{k} {duration(v)}" for k, v in r["stage_seconds"].items())
+    machine_line = f"Machine: {r['machine']}. Time in the stages {duration(r['stage_seconds_total'])} ({times})."
+    if not topic_steering:
+        return "\n".join(line.replace("\n", " ") for line in lines + real_text_lines(r) + ["", machine_line, ""])
     lines += [
         "",
         "## Steering",
@@ -357,7 +434,6 @@ def markdown(r):
                      f"({row['correlation']:.2f}) | {pct(row['corpus_rate'])} | "
                      f"{pct(row['rate'])} | " + " | ".join(pct(row[c]) for c in columns) + " |")
     ex = r["steering_example"]
-    times = ", ".join(f"{k} {duration(v)}" for k, v in r["stage_seconds"].items())
     lines += [
         "",
         f"One sample, no steering: `{ex['plain'][:160].strip()}`",
@@ -366,7 +442,50 @@ def markdown(r):
         f"that scaling moved most): " + ("unchanged." if ex["steered"] == ex["plain"] else
                                          f"`{ex['steered'][:160].strip()}`"),
         "",
-        f"Machine: {r['machine']}. Time in the stages {duration(r['stage_seconds_total'])} ({times}).",
+        machine_line,
         "",
     ]
     return "\n".join(line.replace("\n", " ") for line in lines)
+
+
+def real_text_lines(r):
+    """The report's sections on a corpus of the user's: what the concepts are, and steering measured."""
+    s = r["settings"]
+    names = {row["latent"]: ", ".join(f"`{t.strip() or repr(t)}`" for t in row["tokens"][:5]) for row in r["concepts"]}
+    lines = [
+        "",
+        "## What the concepts are",
+        "",
+        f"The teacher's SAE latents that fire most often on validation text (block {s['sae_layer']}), then those "
+        f"steered below: how often each fires, the tokens where it is strongest, and its top three contexts (the "
+        f"token in [brackets]). Concept i of a CoCoMix student is latent i.",
+        "",
+        "| latent | fires at | top tokens | top contexts |",
+        "|---|---|---|---|",
+    ]
+    for row in r["concepts"]:
+        contexts = " · ".join(f"`{c.strip()}`" for c in row["contexts"])
+        lines.append(f"| {row['latent']} | {pct(row['frequency'])} | {names[row['latent']]} | {contexts} |")
+    lines += [
+        "",
+        "The concepts the seed-1 CoCoMix student predicts as its top-1 most often on validation text: "
+        + ", ".join(f"{i} ({pct(share)}" + (f": {names[i]})" if i in names else ")") for i, share in r["predicted"])
+        + ".",
+        "",
+        "## Steering, measured",
+        "",
+        f"{s['steer_samples']} samples of {s['steer_tokens']} tokens after real prompts (the first 8 tokens of "
+        f"validation windows, e.g. `{r['steering_prompts'][0].strip()}`), the same sampling noise in every row: "
+        f"from the seed-1 CoCoMix student with the concept's logit scaled (×, the paper) or raised (+), and from "
+        f"the teacher with its SAE latent scaled at block {s['sae_layer']} (paper §3.2). Each text is read back by "
+        f"the teacher and its SAE: the latent's mean activation, the share of its top tokens, and the teacher's "
+        f"perplexity (fluency; lower is more fluent). Mean ± std over the samples.",
+        "",
+        "| concept | model | steering | activation | top-token share | teacher perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in r["steering_measured"]:
+        (a, a_sd), (t, t_sd), (p, p_sd) = row["activation"], row["top_token_share"], row["perplexity"]
+        lines.append(f"| {row['concept']} ({names.get(row['concept'], '')}) | {row['model']} | {row['condition']} | "
+                     f"{a:.3f} ± {a_sd:.3f} | {pct(t)} ± {pct(t_sd)} | {p:.1f} ± {p_sd:.1f} |")
+    return lines

@@ -5,6 +5,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,7 +126,7 @@ def test_topic_features_against_brute_force():
 
 
 def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
-    cfg = {**config_keys(vars(pipeline)), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data"),
+    cfg = {**config_keys(vars(pipeline)), "out_dir": str(tmp_path), "data_dir": str(tmp_path / "data" / "topics"),
            "variants": "all"}
 
     def steps(**change):
@@ -310,3 +311,36 @@ def test_pipeline_killed_anywhere_ends_as_the_uninterrupted_run(small_run, tmp_p
                for folder, name in ((whole, "report-all"), (killed, "report-prediction_only"))]
     for row in ("ntp", "cocomix", "prediction_only"):
         assert reports[0]["final_val_ntp_loss"][row] == reports[1]["final_val_ntp_loss"][row]
+
+
+def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
+    """prepare.py text, then the pipeline on that folder: the prepare stage only reads it, the report says what
+    the concepts are and measures steering instead of the planted topics."""
+    data = tmp_path / "data" / "mine"
+    shutil.copytree(char_data, data)
+    before = {p.name: p.read_bytes() for p in data.iterdir()}
+    args = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *SMALL[1:], "--seeds=1", "--variants=",
+            "--n_concepts=64", "--steer_samples=3", "--steer_tokens=12", "--inspect_concepts=3", "--steer_scales=5",
+            "--steer_adds=10"]
+    proc = run("pipeline.py", *args, cwd=tmp_path)
+    assert {p.name: p.read_bytes() for p in data.iterdir()} == before
+    folder = tmp_path / "out" / RUNS / "report"
+    r = json.loads((folder / "report.json").read_text())
+    md = (folder / "report.md").read_text()
+    assert "steering" not in r and r["rows"] == ["ntp", "cocomix"]
+    assert len(r["concepts"]) == 3 and all(0 <= row["frequency"] <= 1 for row in r["concepts"])
+    steered = [row["latent"] for row in r["concepts"]]
+    # per concept: no steering for both models, x5 for both, +10 for the student
+    assert [(row["concept"], row["model"], row["condition"]) for row in r["steering_measured"]] == [
+        (c, m, k) for c in steered for m, k in (("student", "none"), ("teacher", "none"), ("student", "×5"),
+                                                 ("teacher", "×5"), ("student", "+10"))]
+    for row in r["steering_measured"]:
+        assert row["activation"][0] >= 0 and 0 <= row["top_token_share"][0] <= 1 and row["perplexity"][0] >= 1
+    for part in (f"# CoCoMix against NTP on `{data}`", "## What the concepts are", "## Steering, measured",
+                 "| concept | model | steering | activation | top-token share | teacher perplexity |"):
+        assert part in md
+    assert "[7/7] report" in proc.stdout
+    bad = run("pipeline.py", *args, f"--steer_concepts={64}", cwd=tmp_path, check=False)
+    assert bad.returncode != 0 and "steer_concepts" in bad.stderr
+    missing = run("pipeline.py", *args[:1], f"--data_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
+    assert missing.returncode != 0 and "prepare.py" in missing.stderr
