@@ -144,9 +144,12 @@ def write_meta(data_dir, meta):
     write_text(os.path.join(data_dir, "meta.json"), json.dumps(meta, indent=1))
 
 
-def read_documents(patterns):
-    """Yields (source, text) for each document in the files the glob patterns match."""
-    files = sorted({f for p in patterns for f in glob.glob(p, recursive=True) if os.path.isfile(f)})
+def read_documents(patterns, exclude=()):
+    """Yields (source, text) for each document in the files the glob patterns match, less those `exclude`
+    matches."""
+    skip = {os.path.abspath(f) for p in exclude for f in glob.glob(p, recursive=True)}
+    files = sorted({f for p in patterns for f in glob.glob(p, recursive=True)
+                    if os.path.isfile(f) and os.path.abspath(f) not in skip})
     if not files:
         raise SystemExit(f"error: no files match {' '.join(patterns)}")
     for path in files:
@@ -176,26 +179,37 @@ def read_documents(patterns):
 
 
 def prepare_text(args):
-    docs = [text for _, text in read_documents(args.input)]
-    if not docs:
+    # a held-out file stays out of training, also where --input's patterns match it
+    docs = [text for _, text in read_documents(args.input, exclude=args.val_input)]
+    val_docs = [text for _, text in read_documents(args.val_input)] if args.val_input else []
+    if not docs or (args.val_input and not val_docs):
         raise SystemExit("error: no usable text in the input files (all empty or not UTF-8)")
     meta = {"tokenizer": args.tokenizer}
     # a newline keeps the documents of a character-level corpus apart
     if args.tokenizer == "char":
-        docs = [d if d.endswith("\n") else d + "\n" for d in docs]
-        meta["chars"] = "".join(sorted(set("".join(docs))))
+        docs, val_docs = ([d if d.endswith("\n") else d + "\n" for d in ds] for ds in (docs, val_docs))
+        meta["chars"] = "".join(sorted(set("".join(docs + val_docs))))
     tok = Tokenizer(meta)
-    ids = []
-    for doc in progress(docs, desc="tokenizing", unit="doc"):
-        ids.extend(tok.encode(doc))
-        if tok.eot is not None:
-            ids.append(tok.eot)
-    ids = np.array(ids, dtype=token_dtype(tok.vocab_size))
-    n_val = int(round(len(ids) * args.val_fraction))
-    if n_val < 2 or len(ids) - n_val < 2:
-        raise SystemExit(f"error: {len(ids)} tokens are too few to split with --val_fraction={args.val_fraction}")
-    # the tail is held out
-    save(args.data_dir, tok, {"train": ids[:-n_val], "val": ids[-n_val:]}, source=args.input)
+
+    def encode(documents):
+        ids = []
+        for doc in progress(documents, desc="tokenizing", unit="doc"):
+            ids.extend(tok.encode(doc))
+            if tok.eot is not None:
+                ids.append(tok.eot)
+        return np.array(ids, dtype=token_dtype(tok.vocab_size))
+
+    ids = encode(docs)
+    # held-out documents whole, or else the tail
+    if args.val_input:
+        train, val = ids, encode(val_docs)
+    else:
+        n_val = int(round(len(ids) * args.val_fraction))
+        train, val = ids[:len(ids) - n_val], ids[len(ids) - n_val:]
+    if len(train) < 2 or len(val) < 2:
+        how = "--val_input" if args.val_input else f"--val_fraction={args.val_fraction}"
+        raise SystemExit(f"error: {len(train)} train and {len(val)} val tokens with {how} are too few")
+    save(args.data_dir, tok, {"train": train, "val": val}, source=args.input + args.val_input)
 
 
 def save(data_dir, tok, splits, source, extra=None, **meta_fields):
@@ -297,6 +311,9 @@ def main(argv=None):
                    help="GPT-2 BPE, or one id per character (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.1,
                    help="share of tokens, from the end, held out for validation (default: %(default)s)")
+    p.add_argument("--val_input", nargs="+", default=[],
+                   help="files or glob patterns held out whole for validation, e.g. a few books, and left out of "
+                        "--input's (instead of the tail of --input)")
     args = parser.parse_args(argv)
     if args.corpus == "text":
         prepare_text(args)

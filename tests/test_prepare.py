@@ -68,6 +68,20 @@ def test_char_round_trip(tmp_path):
         tok.encode("aQ")
 
 
+def test_validation_can_be_whole_held_out_documents(tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "train" / "a.txt").write_text("abc abc\n" * 20)
+    (tmp_path / "b.txt").write_text("zyx zyx\n")
+    # --input's pattern also matches the held-out file: it stays out of training
+    prepare.main(["text", "--input", str(tmp_path / "train" / "*.txt"), str(tmp_path / "*.txt"), "--val_input",
+                  str(tmp_path / "b.txt"), "--data_dir", str(tmp_path / "data" / "c"), "--tokenizer", "char"])
+    meta, tokens = read(tmp_path / "data" / "c")
+    tok = Tokenizer(meta)
+    assert tok.decode(tokens["train"].tolist()) == "abc abc\n" * 20
+    assert tok.decode(tokens["val"].tolist()) == "zyx zyx\n"
+    assert meta["chars"] == "\n abcxyz"
+
+
 def test_jsonl_lines_are_split_at_newlines_only(tmp_path, capsys):
     docs = ["a\u2028line separator inside", "next\u0085one"]
     lines = [json.dumps({"text": d}, ensure_ascii=False) for d in docs] + ['{"text": null}', "[1, 2]", "{broken"]
@@ -98,7 +112,7 @@ def test_skips_empty_and_non_utf8_files_with_a_warning(tmp_path, capsys):
     ({}, "no files match"),
     ({"empty.txt": b""}, "no usable text"),
     ({"bad.txt": b"\xff\xfe\xfa"}, "no usable text"),
-    ({"short.txt": b"ab"}, "too few to split"),
+    ({"short.txt": b"ab"}, "are too few"),
 ])
 def test_refuses_unusable_input(tmp_path, files, message):
     for name, content in files.items():
