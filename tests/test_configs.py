@@ -16,8 +16,10 @@ def train_defaults():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
 def test_every_config_applies_to_its_script(path):
-    if os.path.basename(path).startswith("sae_"):
-        configure(script_settings(os.path.join(ROOT, "train_sae.py")), [path])
+    name = os.path.basename(path)
+    if name.startswith(("sae_", "pipeline_")):
+        configure(script_settings(os.path.join(ROOT, "train_sae.py" if name.startswith("sae_") else "pipeline.py")),
+                  [path])
     else:
         cfg = configure(train_defaults(), [path])
         assert cfg["batch_tokens"] % (cfg["batch_size"] * cfg["block_size"]) == 0
