@@ -3,11 +3,15 @@ What a concept is, on any corpus: the measurements of pipeline.py's report where
 
   - the contexts that activate an SAE latent most (as people inspect SAE features), and how often
     each latent fires, read by the teacher and its SAE over validation text;
+  - the latents about given words (`python concepts.py --words='sea ship waves'`): those whose top
+    activations fall on the words most often, so that one can pick a concept to steer by what it is;
   - the concepts a CoCoMix student predicts most;
   - steering measured, not only shown: in text generated with a concept turned up, read back by the
     teacher's SAE, the concept's own activation, the share of its top tokens, and the teacher's
     perplexity of the text (the cost in fluency).
 """
+
+import os
 
 import numpy as np
 import torch
@@ -71,6 +75,21 @@ def context(tokens, position, tok, before=12, after=2):
         "\n", " ")
 
 
+def word_tokens(tok, words):
+    """The ids of the tokens whose text, stripped of spaces, is one of `words` (any case)."""
+    wanted = {w.lower() for w in words}
+    return {i for i in range(tok.vocab_size) if tok.decode([i]).strip().lower() in wanted}
+
+
+def about(values, rows, tokens, token_ids):
+    """For each latent, the share of its top activations (top_activations' values and rows over the flattened
+    windows `tokens`) that fall on one of `token_ids`: a (C,) tensor, nan for a latent with fewer positive
+    activations than values has rows (a rare latent would score by chance)."""
+    on_words = torch.isin(torch.as_tensor(np.asarray(tokens, dtype=np.int64))[rows], torch.tensor(sorted(token_ids)))
+    share = on_words.float().mean(0)
+    return share.masked_fill((values <= 0).any(0), float("nan"))
+
+
 @torch.no_grad()
 def predicted(model, tokens, block_size, n=8, limit=64, batch=8):
     """The (up to) n concepts a CoCoMix student predicts as its top-1 most often over `limit` windows, with the
@@ -94,3 +113,67 @@ def read_back(teacher, sae, sae_layer, x, latent, top_tokens):
     logits = teacher(x[:, :-1]).logits.float()
     nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(-1)
     return activation.cpu().numpy(), share.cpu().numpy(), nll.exp().cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- the command
+teacher = "out-pipeline/teacher"  # a train.py out_dir (pipeline.py's teacher/), a GPT-2 size or a Hugging Face folder
+sae = "out-pipeline/sae/sae.pt"  # the teacher's SAE: a file, its https URL, or 'openai' (GPT-2 small's, at sae_layer)
+sae_layer = 1  # the block whose output the SAE reads
+data_dir = "data/topics"  # a folder prepare.py made: its validation text is read
+words = ""  # e.g. 'sea ship waves': the latents whose top activations fall on these words most; empty: most frequent
+n_latents = 8  # latents listed
+top = 20  # top activations per latent, scored and shown
+limit = 256  # validation windows read, block_size tokens each
+block_size = 128  # window length
+device = "auto"  # 'auto', 'cpu', 'cuda', ...
+
+if __name__ == "__main__":
+    from attribution import load_teacher
+    from configurator import configure
+    from files import progress
+    from model import device_and_autocast
+    from prepare import Tokenizer, load_meta
+    from sae import TopKSAE
+
+    configure(globals())
+    device, _, autocast = device_and_autocast(device)
+    try:
+        meta = load_meta(data_dir)
+        tok = Tokenizer(meta)
+        teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
+        sae_model = TopKSAE.load(sae, sae_layer).to(device).eval()
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    val = np.memmap(os.path.join(data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
+    x = windows(val, block_size, limit)
+    flat = x.flatten().numpy()
+    token_ids = word_tokens(tok, words.split())
+    if words and not token_ids:
+        raise SystemExit(f"error: none of {words!r} is a token of this corpus' vocabulary")
+    fired = torch.zeros(sae_model.n_concepts)
+
+    def chunks():
+        for s in progress(range(0, len(x), 8), desc="reading", unit="batch"):
+            with autocast:
+                c = latent_activations(teacher_model, sae_model, sae_layer, x[s:s + 8].to(device)).flatten(0, 1).cpu()
+            fired.add_((c > 0).sum(0))
+            yield c
+
+    values, rows = top_activations(chunks(), top)
+    if token_ids:
+        share = about(values, rows, flat, token_ids)
+        chance = np.isin(flat, sorted(token_ids)).mean()
+        print(f"{words!r}: {len(token_ids)} tokens, {chance:.2%} of the {len(flat):,} tokens read; each latent's share "
+              f"of its top {top} activations on them:")
+        latents = [i for i in share.nan_to_num(-1).topk(n_latents).indices.tolist() if share[i] > 0]
+        if not latents:
+            print(f"none of the latents has one of its top {top} activations on these words")
+    else:
+        print(f"the latents that fire most over {len(flat):,} tokens:")
+        latents = fired.topk(n_latents).indices.tolist()
+    for i in latents:
+        shown = "" if not token_ids else f"  on the words {share[i]:.0%}"
+        print(f"\nlatent {i}  fires at {fired[i] / len(flat):.2%} of tokens{shown}  top tokens: "
+              + " ".join(dict.fromkeys(repr(tok.decode([int(flat[r])])) for r in rows[:, i].tolist())))
+        for v, r in list(zip(values[:, i].tolist(), rows[:, i].tolist()))[:3]:
+            print(f"  {v:6.2f}  {context(flat, r, tok)}")

@@ -74,3 +74,23 @@ def test_read_back_against_a_loop():
             logp = [F.log_softmax(teacher(x[b:b + 1, :t + 1]).logits[0, -1], -1)[row[t + 1]] for t in range(15)]
         np.testing.assert_allclose(activation[b], c.mean().item(), rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(ppl[b], np.exp(-np.mean([v.item() for v in logp])), rtol=1e-5)
+
+
+def test_word_tokens_and_about_against_counting_by_hand():
+    tok = Tokenizer({"tokenizer": "words", "vocab_size": 5, "words": [" the", " Sea", " ship", "sea", ","],
+                     "dtype": "uint16"})
+    assert concepts.word_tokens(tok, ["sea", "Ship"]) == {1, 2, 3}
+    tokens = np.array([0, 1, 2, 0, 4, 3, 0, 0], dtype=np.uint16)
+    c = torch.tensor([[0.0, 1.0, 0.0],
+                      [5.0, 2.0, 0.0],
+                      [4.0, 2.5, 0.0],
+                      [3.0, 3.0, 0.0],
+                      [0.0, 0.5, 0.0],
+                      [1.0, 6.0, 0.0],
+                      [2.0, 0.0, 1.0],
+                      [0.0, 0.0, 0.0]])
+    values, rows = concepts.top_activations([c[:3], c[3:]], k=4)
+    share = concepts.about(values, rows, tokens, {1, 2, 3})
+    # latent 0's top four at rows 1, 2, 3, 6: two on sea words; latent 1's at rows 5, 3, 2, 1: three;
+    # latent 2 fires once, fewer than four times
+    assert share[0] == 0.5 and share[1] == 0.75 and share[2].isnan()

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+import concepts
 import pipeline
 import prepare
 import report
@@ -26,6 +27,7 @@ from conftest import ROOT, run
 from files import write_text
 from model import GPT, GPTConfig
 from prepare import Tokenizer, load_meta
+from sae import TopKSAE
 from topics import NO_TOPIC
 
 
@@ -341,6 +343,23 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
                  "| concept | model | steering | activation | top-token share | teacher perplexity |"):
         assert part in md
     assert "[7/7] report" in proc.stdout
+    # concepts.py lists the latents about a word in what the pipeline made: first the one whose top activations
+    # fall on it most often, counted here by sorting each latent's activations
+    out = tmp_path / "out"
+    found = run("concepts.py", f"--teacher={out / 'teacher'}", f"--sae={out / 'sae' / 'sae.pt'}", "--sae_layer=0",
+                f"--data_dir={data}", "--words=E", "--top=5", "--limit=4", "--block_size=64", cwd=tmp_path)
+    listed = [(int(i), int(p)) for i, p in re.findall(r"latent (\d+) .* on the words (\d+)%", found.stdout)]
+    val = np.memmap(data / "val.bin", dtype=load_meta(data)["dtype"], mode="r")
+    x = concepts.windows(val, 64, 4)
+    c = concepts.latent_activations(GPT.load(str(out / "teacher")), TopKSAE.load(str(out / "sae" / "sae.pt")), 0,
+                                    x).flatten(0, 1).numpy()
+    e = np.isin(x.flatten().numpy(), [i for i, ch in enumerate(load_meta(data)["chars"]) if ch in "eE"])
+    shares = {}
+    for i in range(c.shape[1]):
+        best = np.argsort(-c[:, i], kind="stable")[:5]
+        if c[best, i].min() > 0:
+            shares[i] = e[best].mean()
+    assert listed and listed[0][1] == round(100 * max(shares.values())) and shares[listed[0][0]] == max(shares.values())
     bad = run("pipeline.py", *args, f"--steer_concepts={64}", cwd=tmp_path, check=False)
     assert bad.returncode != 0 and "steer_concepts" in bad.stderr
     missing = run("pipeline.py", *args[:1], f"--data_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
