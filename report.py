@@ -451,7 +451,9 @@ def markdown(r):
 def real_text_lines(r):
     """The report's sections on a corpus of the user's: what the concepts are, and steering measured."""
     s = r["settings"]
-    names = {row["latent"]: ", ".join(f"`{t.strip() or repr(t)}`" for t in row["tokens"][:5]) for row in r["concepts"]}
+    # ' Mr' and 'Mr' are two tokens and one word here
+    words = {row["latent"]: list(dict.fromkeys(t.strip() or repr(t) for t in row["tokens"])) for row in r["concepts"]}
+    names = {latent: ", ".join(f"`{t}`" for t in w[:5]) for latent, w in words.items()}
     lines = [
         "",
         "## What the concepts are",

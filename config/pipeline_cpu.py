@@ -1,6 +1,6 @@
 # pipeline.py on a corpus of your own with GPT-2's BPE, sized for a 2-core CPU and about 1.5M training tokens
-# (e.g. nine novels). Measured on nine novels: 91 min with --seeds=2 (teacher 17 min, labels 14 min, each pair
-# of students 10 min); 3 seeds take about 2 h. The vocabulary's 50,257-way head dominates every stage here.
+# (e.g. nine novels). Measured on nine novels: about 2 h with 3 seeds (teacher 17 min, labels 14 min, each pair
+# of students 10 min), 91 min with --seeds=2. The vocabulary's 50,257-way head dominates every stage here.
 # python pipeline.py config/pipeline_cpu.py --data_dir=data/books --out_dir=out-books
 n_layer = 4
 n_head = 4
