@@ -46,20 +46,27 @@ def top_activations(chunks, k):
     return best_values, best_rows
 
 
+def scan(teacher, sae, sae_layer, x, top, batch=8):
+    """Over token windows x (n, T): at how many positions each latent fires (C,), and each latent's `top`
+    largest activations with their positions in the flattened windows (top_activations' values and rows)."""
+    fired = torch.zeros(sae.n_concepts)
+    device = next(teacher.parameters()).device
+
+    def chunks():
+        for s in range(0, len(x), batch):
+            c = latent_activations(teacher, sae, sae_layer, x[s:s + batch].to(device)).flatten(0, 1).float().cpu()
+            fired.add_((c > 0).sum(0))
+            yield c
+
+    return (fired, *top_activations(chunks(), top))
+
+
 def inspect(teacher, sae, sae_layer, tokens, block_size, n_latents=8, top=5, limit=64, batch=8, also=()):
     """The `n_latents` latents that fire most often over `limit` windows of `tokens` (validation text), then
     the latents `also` names, each with its firing frequency and its `top` activations:
     [{latent, frequency, examples: [(value, position)]}]. Positions index the flattened windows."""
     x = windows(tokens, block_size, limit)
-    fired = torch.zeros(sae.n_concepts)
-
-    def chunks():
-        for s in range(0, len(x), batch):
-            c = latent_activations(teacher, sae, sae_layer, x[s:s + batch]).flatten(0, 1).cpu()
-            fired.add_((c > 0).sum(0))
-            yield c
-
-    values, rows = top_activations(chunks(), top)
+    fired, values, rows = scan(teacher, sae, sae_layer, x, top, batch)
     most = fired.topk(min(n_latents, sae.n_concepts)).indices.tolist()
     most += [i for i in also if i not in most]
     return [{"latent": i, "frequency": fired[i].item() / x.numel(),
@@ -130,7 +137,6 @@ device = "auto"  # 'auto', 'cpu', 'cuda', ...
 if __name__ == "__main__":
     from attribution import load_teacher
     from configurator import configure
-    from files import progress
     from model import device_and_autocast
     from prepare import Tokenizer, load_meta
     from sae import TopKSAE
@@ -150,16 +156,9 @@ if __name__ == "__main__":
     token_ids = word_tokens(tok, words.split())
     if words and not token_ids:
         raise SystemExit(f"error: none of {words!r} is a token of this corpus' vocabulary")
-    fired = torch.zeros(sae_model.n_concepts)
-
-    def chunks():
-        for s in progress(range(0, len(x), 8), desc="reading", unit="batch"):
-            with autocast:
-                c = latent_activations(teacher_model, sae_model, sae_layer, x[s:s + 8].to(device)).flatten(0, 1).cpu()
-            fired.add_((c > 0).sum(0))
-            yield c
-
-    values, rows = top_activations(chunks(), top)
+    print(f"reading {len(flat):,} tokens of {data_dir}/val.bin", flush=True)
+    with autocast:
+        fired, values, rows = scan(teacher_model, sae_model, sae_layer, x, top)
     if token_ids:
         share = about(values, rows, flat, token_ids)
         chance = np.isin(flat, sorted(token_ids)).mean()
