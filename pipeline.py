@@ -6,6 +6,7 @@ The whole method on the built-in corpus, offline, in one command on a CPU, or on
     python pipeline.py --student_iters=600    # any setting: the stages it changes, and those after, rerun
     python prepare.py text --input='books/*.txt' --data_dir=data/books && \
         python pipeline.py config/pipeline_cpu.py --data_dir=data/books --out_dir=out-books
+    python pipeline.py config/pipeline_gpu.py --data_dir=data/books --out_dir=out-books-gpu   # one GPU
 
   prepare   python prepare.py topics: 8 planted topics over shared grammar, names that recur (topics.py);
             a data_dir not named 'topics' is a corpus prepare.py made already, and this stage only reads it
