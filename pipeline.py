@@ -88,7 +88,7 @@ steer_tokens = 100  # tokens per generation
 steer_scales = "5,10"  # concept-logit scales compared with no steering (paper §3.2)
 steer_adds = "10"  # concept-logit additions compared with no steering (they can lift a negative logit)
 inspect_concepts = 8  # a corpus of your own: the SAE latents (those that fire most) whose top contexts the report shows
-steer_concepts = ""  # a corpus of your own: latents to steer, e.g. '12,873' (by their contexts); empty: 3 most frequent
+steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concepts.py --words); empty: the 3 most used
 
 STAGES = ("prepare", "teacher", "sae", "labels", "students", "report")
 VAL_FRACTION = 0.05
