@@ -237,6 +237,9 @@ chunk_size = 1024  # positions scored at once (memory: a few chunk_size x C fp32
 label_cache = ""  # where the labels go (default: <data_dir>/labels)
 device = "auto"  # 'auto', 'cpu', 'cuda', ...
 label_dtype = "float32"  # the teacher's precision: 'float32' (the authors'), 'bfloat16' or 'float16' (faster)
+# the range of each numeric setting, checked before any work (k_attr's top, the SAE's latents, once it is read)
+RANGES = {"sae_layer": "[0, inf)", "k_attr": "[1, inf)", "block_size": "[1, inf)", "batch_size": "[1, inf)",
+          "chunk_size": "[1, inf)"}
 
 if __name__ == "__main__":
     from configurator import configure
@@ -244,7 +247,7 @@ if __name__ == "__main__":
     from model import device_and_autocast
     from prepare import load_meta
 
-    config = configure(globals())
+    config = configure(globals(), ranges=RANGES)
     device = device_and_autocast(device)[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     label_cache = label_cache or os.path.join(data_dir, "labels")

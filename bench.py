@@ -53,6 +53,10 @@ compile = False  # train, memory: torch.compile the student (CUDA)
 nanogpt_dir = ""  # nanogpt: a karpathy/nanoGPT checkout
 runs = 5  # nanogpt: whole-process runs of each, alternating
 mode = ""  # internal: one of ntp, cached, online, measured in a fresh process so that its peak memory is its own
+# the range of each numeric setting, checked before any work; a bound may name another setting
+RANGES = {"sae_layer": "[0, inf)", "n_concepts": "[1, inf)", "sae_k": "[1, n_concepts]", "k_attr": "[1, n_concepts]",
+          "chunk_size": "[1, inf)", "batch_size": "[1, inf)", "block_size": "[1, inf)", "iters": "[1, inf)",
+          "runs": "[1, inf)"}
 
 
 def peak_bytes(device):
@@ -359,7 +363,7 @@ def bench_nanogpt():
 
 
 if __name__ == "__main__":
-    configure(globals())
+    configure(globals(), ranges=RANGES)
     device, dtype, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt}

@@ -133,6 +133,9 @@ top = 20  # top activations per latent, scored and shown
 limit = 256  # validation windows read, block_size tokens each
 block_size = 128  # window length
 device = "auto"  # 'auto', 'cpu', 'cuda', ...
+# the range of each numeric setting, checked before any work
+RANGES = {"sae_layer": "[0, inf)", "n_latents": "[1, inf)", "top": "[1, inf)", "limit": "[1, inf)",
+          "block_size": "[1, inf)"}
 
 if __name__ == "__main__":
     from attribution import load_teacher
@@ -141,7 +144,7 @@ if __name__ == "__main__":
     from prepare import Tokenizer, load_meta
     from sae import TopKSAE
 
-    configure(globals())
+    configure(globals(), ranges=RANGES)
     device, _, autocast = device_and_autocast(device)
     try:
         meta = load_meta(data_dir)

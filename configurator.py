@@ -7,12 +7,15 @@ comment each, and calls `configure(globals())`; then
 runs the config files in order, then applies the overrides (`--key=value`, `--key value`, or a
 bare `--flag` for a boolean). Every value is checked against the type of its default; an unknown
 key fails with the list of valid ones; `--help` prints every key, its default and its comment.
+A script may also pass the range of each numeric setting, `configure(globals(), ranges=RANGES)`, checked once
+every override is in, before the script does any work.
 
 The settings are a script's public, lower-case globals of a plain type; UPPER_CASE names are
 constants and never settings.
 """
 
 import ast
+import math
 import os
 import re
 import sys
@@ -33,7 +36,7 @@ def script_settings(path):
     with open(path) as f:
         tree = ast.parse(f.read())
     for node in tree.body:
-        if "configure(globals())" in ast.unparse(node):
+        if "configure(globals()" in ast.unparse(node):
             return config_keys(g)
         if isinstance(node, ast.Assign):
             exec(compile(ast.Module([node], []), path, "exec"), g)
@@ -58,8 +61,27 @@ def coerce(key, value, default, from_cli=False):
     raise SystemExit(f"error: {key} must be {type(default).__name__} (default {default!r}), got {value!r}")
 
 
-def usage(g, keys):
-    """One line per key: name, default, and the comment beside its assignment in the script."""
+def check_range(key, settings, spec):
+    """Refuses, in one line that names the setting and its range, a value outside `spec`: an interval such as
+    '[1, inf)' or '(0, 1]' whose bounds are Python expressions of the settings ('[0, n_layer)'), optionally
+    followed by ' if CONDITION', a Python expression of the settings that says when the range applies."""
+    text, _, condition = spec.partition(" if ")
+    names = {"inf": math.inf, **settings}
+    if condition and not eval(condition, {}, names):
+        return
+    low, high = (eval(bound, {}, names) for bound in text[1:-1].split(","))
+    value = settings[key]
+    # written so that NaN fails every comparison and is refused
+    inside = (low <= value if text[0] == "[" else low < value) and (value <= high if text[-1] == "]" else value < high)
+    if not inside:
+        # bounds that name other settings are also shown as the numbers they are here
+        here = f" (here {text[0]}{low}, {high}{text[-1]})" if set(re.findall(r"[A-Za-z_]\w*", text)) - {"inf"} else ""
+        when = f" when {condition}" if condition else ""
+        raise SystemExit(f"error: {key} must be in {text}{here}{when}, got {value!r}")
+
+
+def usage(g, keys, ranges=None):
+    """One line per key: name, default, the comment beside its assignment in the script, and its range."""
     comments = {}
     with open(g["__file__"]) as f:
         for line in f:
@@ -70,13 +92,14 @@ def usage(g, keys):
     script = os.path.basename(g["__file__"])
     lines = [doc, "", f"usage: python {script} [config.py ...] [--key=value ...]", ""]
     width = max(len(k) for k in keys)
-    lines += [f"  --{k:<{width}}  {keys[k]!r:<14} {comments.get(k, '')}" for k in keys]
+    lines += [f"  --{k:<{width}}  {keys[k]!r:<14} {comments.get(k, '')}"
+              + (f"; range {ranges[k]}" if ranges and k in ranges else "") for k in keys]
     return "\n".join(lines)
 
 
-def configure(g, argv=None):
-    """Applies config files and overrides in `argv` (default: sys.argv[1:]) to the globals `g`;
-    returns the resulting settings as a dict."""
+def configure(g, argv=None, ranges=None):
+    """Applies config files and overrides in `argv` (default: sys.argv[1:]) to the globals `g`, checks the
+    settings named in `ranges` ({setting: range}, see `interval`), and returns the settings as a dict."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = config_keys(g)
     valid = "valid keys: " + ", ".join(sorted(keys))
@@ -85,7 +108,7 @@ def configure(g, argv=None):
         arg = argv[i]
         i += 1
         if arg in ("-h", "--help"):
-            print(usage(g, keys))
+            print(usage(g, keys, ranges))
             raise SystemExit(0)
         if not arg.startswith("--"):
             try:
@@ -122,4 +145,7 @@ def configure(g, argv=None):
             else:
                 raise SystemExit(f"error: --{key} needs a value")
         g[key] = coerce(key, value, keys[key], from_cli=True)
-    return {k: g[k] for k in keys}
+    settings = {k: g[k] for k in keys}
+    for key, spec in (ranges or {}).items():
+        check_range(key, settings, spec)
+    return settings

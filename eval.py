@@ -38,6 +38,8 @@ limit = 0  # score the first `limit` documents (val: windows) of each task only;
 batch_tokens = 8192  # tokens per forward pass (the logits take batch_tokens x vocabulary floats)
 device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
+# the range of each numeric setting, checked before any work
+RANGES = {"limit": "[0, inf)", "batch_tokens": "[1, inf)"}
 # -----------------------------------------------------------------------------
 # requests: the harness's loglikelihood requests as token sequences (tokens, n), "the last n tokens
 # given the ones before them" (lm_eval/api/model.py: _encode_pair; models/huggingface.py)
@@ -344,7 +346,7 @@ def markdown(names, tables):
 
 
 def main():
-    configure(globals())
+    configure(globals(), ranges=RANGES)
     try:
         chosen = parse_tasks(tasks)
     except ValueError as e:

@@ -23,8 +23,11 @@ from functools import lru_cache
 import numpy as np
 
 import topics
+from configurator import check_range
 from files import atomic_write, progress, write_text
 
+# the range of each numeric option of the subcommands, checked before any work
+RANGES = {"num_proc": "[1, inf)", "val_fraction": "(0, 1)", "corpus_chars": "[1000, inf)", "corpus_seed": "[0, 2**32)"}
 HF_CORPORA = {"openwebtext": "Skylion007/openwebtext", "openwebmath": "open-web-math/open-web-math"}
 # GPT-2's BPE as OpenAI published it (openaipublic.blob.core.windows.net/gpt-2/encodings/main), kept in the
 # project so that the tokenizer needs no network; the SHA-256 that tiktoken checks on download
@@ -232,9 +235,6 @@ def save(data_dir, tok, splits, source, extra=None, **meta_fields):
 
 
 def prepare_topics(args):
-    if args.corpus_chars < 1000 or not 0 < args.val_fraction < 1:
-        raise SystemExit(f"error: --corpus_chars must be at least 1000 and --val_fraction in (0, 1), "
-                         f"got {args.corpus_chars} and {args.val_fraction}")
     text, topic, names = topics.topic_corpus(args.corpus_chars, args.corpus_seed)
     pieces = split_words(text)
     tok = Tokenizer({"tokenizer": "words", "words": sorted(set(pieces))})
@@ -315,6 +315,9 @@ def main(argv=None):
                    help="files or glob patterns held out whole for validation, e.g. a few books, and left out of "
                         "--input's (instead of the tail of --input)")
     args = parser.parse_args(argv)
+    for key, spec in RANGES.items():
+        if key in vars(args):
+            check_range(key, vars(args), spec)
     if args.corpus == "text":
         prepare_text(args)
     elif args.corpus == "topics":

@@ -34,7 +34,10 @@ concept_norms = False  # print the compressor-weight norm of each concept and th
 seed = 1337  # random seed
 device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
-configure(globals())
+# the range of each numeric setting, checked before any work
+RANGES = {"num_samples": "[1, inf)", "max_new_tokens": "[1, inf)", "temperature": "[0, inf)", "top_k": "[0, inf)",
+          "sae_layer": "[0, inf) if sae_steer", "seed": "[0, 2**32)"}
+configure(globals(), ranges=RANGES)
 # -----------------------------------------------------------------------------
 
 

@@ -84,7 +84,21 @@ device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
 compile = True  # torch.compile the model (CUDA only: on CPU it costs more than it saves)
 seed = 1337  # seeds the initialisation, the data order and dropout
-config = configure(globals())
+# the range of each numeric setting, checked before any work; a bound may name another setting
+RANGES = {
+    "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "batch_tokens": "[1, inf)",
+    "batch_size": "[1, inf)", "block_size": "[1, inf)", "n_layer": "[1, inf)", "n_head": "[1, n_embd]",
+    "n_embd": "[1, inf)", "dropout": "[0, 1)", "lam_concept": "[0, inf)", "lam_kd": "[0, inf)",
+    "n_concepts": "[1, inf) if objective == 'cocomix'", "concept_topk": "[1, n_concepts] if objective == 'cocomix'",
+    "k_attr": "[1, n_concepts] if objective == 'cocomix'",
+    "concept_layer": "[0, n_layer) if objective in ('cocomix', 'hidden', 'pause', 'pause_kd')",
+    "sae_layer": "[0, inf) if objective in ('cocomix', 'hidden')", "learning_rate": "(0, inf)",
+    "max_iters": "[1, inf)", "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "[0, inf)",
+    "warmup_frac": "[0, 1]", "min_lr_frac": "[0, 1]", "seed": "[0, 2**32)",
+}
+config = configure(globals(), ranges=RANGES)
+if n_embd % n_head:
+    raise SystemExit(f"error: n_embd must be a multiple of n_head, got {n_embd} and {n_head}")
 # -----------------------------------------------------------------------------
 # processes and devices
 

@@ -36,7 +36,13 @@ eval_interval = 250  # steps between evaluation on val.bin and checkpoint
 seed = 1337  # random seed
 device = "auto"  # 'auto', 'cpu', 'cuda', ...
 dtype = "auto"  # teacher precision: 'auto', 'float32', 'bfloat16', 'float16'
-config = configure(globals())
+# the range of each numeric setting, checked before any work; a bound may name another setting
+RANGES = {
+    "sae_layer": "[0, inf)", "n_concepts": "[1, inf)", "sae_k": "[1, n_concepts]", "k_aux": "[0, n_concepts]",
+    "aux_coef": "[0, inf)", "dead_tokens": "[1, inf)", "block_size": "[1, inf)", "batch_size": "[1, inf)",
+    "max_iters": "[1, inf)", "learning_rate": "(0, inf)", "eval_interval": "[1, inf)", "seed": "[0, 2**32)",
+}
+config = configure(globals(), ranges=RANGES)
 # -----------------------------------------------------------------------------
 # the teacher and its activations
 

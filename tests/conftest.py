@@ -1,3 +1,4 @@
+import ast
 import os
 import random
 import subprocess
@@ -17,6 +18,27 @@ def run(script, *args, cwd=None, env=None, check=True):
     if check and proc.returncode != 0:
         raise AssertionError(f"{script} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def settings_and_ranges(script):
+    """A script's settings (its lower-case globals of a plain type, assigned before it calls configure) and its
+    RANGES, read from its source without running it."""
+    path = os.path.join(ROOT, script)
+    settings, ranges = {"__file__": path}, {}
+    for node in ast.parse(open(path).read()).body:
+        if "configure(globals()" in ast.unparse(node):
+            break
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            name = node.targets[0].id
+            try:
+                value = eval(compile(ast.Expression(node.value), path, "eval"), {"__builtins__": {}})
+            except Exception:
+                continue
+            if name == "RANGES":
+                ranges = value
+            elif name.islower() and isinstance(value, (bool, int, float, str, type(None))):
+                settings[name] = value
+    return settings, ranges
 
 
 def pseudo_text(n_words, seed):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from configurator import configure, script_settings
-from conftest import ROOT, run
+from conftest import ROOT, run, settings_and_ranges
 from model import CONCEPT_ARGS, GPT, GPTConfig
 
 
@@ -17,11 +17,11 @@ def train_defaults():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
 def test_every_config_applies_to_its_script(path):
     name = os.path.basename(path)
-    if name.startswith(("sae_", "pipeline_")):
-        configure(script_settings(os.path.join(ROOT, "train_sae.py" if name.startswith("sae_") else "pipeline.py")),
-                  [path])
-    else:
-        cfg = configure(train_defaults(), [path])
+    script = "train_sae.py" if name.startswith("sae_") else "pipeline.py" if name.startswith("pipeline_") else "train.py"
+    # each setting within its range too
+    settings, ranges = settings_and_ranges(script)
+    cfg = configure(settings, [path], ranges)
+    if script == "train.py":
         assert cfg["batch_tokens"] % (cfg["batch_size"] * cfg["block_size"]) == 0
 
 

@@ -82,3 +82,28 @@ def test_help_lists_every_key_with_its_comment(g, capsys):
     for line in ("--batch_size     16             sequences per step",
                  "--steer          ''             concept=scale pairs"):
         assert line in out
+
+
+RANGES = {"batch_size": "[1, inf)", "learning_rate": "(0, 1]", "steps": "[0, batch_size) if compile"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--batch_size=0"], "error: batch_size must be in [1, inf), got 0"),
+    (["--learning_rate=0"], "error: learning_rate must be in (0, 1], got 0.0"),
+    (["--learning_rate=1.5"], "error: learning_rate must be in (0, 1], got 1.5"),
+    (["--steps=16"], "error: steps must be in [0, batch_size) (here [0, 16)) when compile, got 16"),
+    (["--batch_size=4", "--steps=-1"], "error: steps must be in [0, batch_size) (here [0, 4)) when compile, got -1"),
+])
+def test_a_setting_out_of_its_range_is_named_with_its_range(g, argv, message):
+    g["steps"] = 2
+    with pytest.raises(SystemExit) as e:
+        configure(g, argv, RANGES)
+    assert e.value.code == message
+
+
+def test_a_range_applies_only_where_its_condition_holds_and_help_shows_it(g, capsys):
+    g["steps"] = 2
+    assert configure(g, ["--compile=False", "--steps=99", "--learning_rate=1"], RANGES)["steps"] == 99
+    with pytest.raises(SystemExit):
+        configure(g, ["--help"], RANGES)
+    assert "--batch_size     16             sequences per step; range [1, inf)" in capsys.readouterr().out

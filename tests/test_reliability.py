@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import prepare
 from configurator import configure
-from conftest import ROOT, pseudo_text, run
+from conftest import ROOT, pseudo_text, run, settings_and_ranges
 from model import GPT, GPTConfig, load_checkpoint, parse_steer
 from prepare import Tokenizer
 from sae import TopKSAE
@@ -155,6 +155,72 @@ def test_any_steer_text_parses_to_valid_concepts_or_a_named_error(text):
         assert "\n" not in str(e)
         return
     assert all(0 <= i < 256 and math.isfinite(s) for i, s in scales.items())
+
+
+# the scripts whose settings configure() reads, with the range of each numeric one
+RANGED = ("train.py", "train_sae.py", "attribution.py", "sample.py", "eval.py", "concepts.py", "bench.py",
+          "pipeline.py")
+
+
+@pytest.mark.parametrize("script", RANGED)
+def test_every_numeric_setting_has_a_range_that_its_default_meets(script):
+    settings, ranges = settings_and_ranges(script)
+    numeric = {k for k, v in settings.items() if type(v) in (int, float)}
+    assert numeric == set(ranges), (numeric - set(ranges), set(ranges) - numeric)
+    configure(settings, [], ranges)
+
+
+def inside(spec, key, settings):
+    """Whether settings[key] lies in the range `spec`, read here by a pattern of its own: None where the range
+    does not apply (its condition is false)."""
+    low, lo, hi, high, condition = re.fullmatch(r"([\[(])(.+?), (.+?)([\])])(?: if (.+))?", spec).groups()
+    names = {"inf": math.inf, **settings}
+    if condition and not eval(condition, {}, names):
+        return None
+    value, lo, hi = settings[key], eval(lo, {}, names), eval(hi, {}, names)
+    above = value >= lo if low == "[" else value > lo
+    below = value <= hi if high == "]" else value < hi
+    return above and below
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.data())
+def test_a_value_out_of_its_range_is_refused_in_one_line_and_one_within_is_taken(data):
+    script = data.draw(st.sampled_from(RANGED))
+    settings, ranges = settings_and_ranges(script)
+    key = data.draw(st.sampled_from(sorted(ranges)))
+    value = data.draw(st.one_of(st.integers(-10**6, 10**6), st.integers(-3, 3),
+                                st.floats(-1e6, 1e6, allow_nan=False) if type(settings[key]) is float else
+                                st.nothing()))
+    try:
+        taken = configure(dict(settings), [f"--{key}={value!r}"], ranges)
+    except SystemExit as e:
+        message = str(e.code)
+        assert message.startswith("error: ") and "\n" not in message, message
+        # the setting refused is this one, or one whose range names it
+        refused = re.match(r"error: (\w+) must be in (\S+, \S+)", message)
+        assert refused and (refused[1] == key or key in ranges[refused[1]]), message
+        assert inside(ranges[refused[1]], refused[1], {**settings, key: value}) is False, message
+        return
+    assert all(inside(spec, k, taken) is not False for k, spec in ranges.items())
+
+
+@pytest.mark.parametrize("script, args", [
+    ("train.py", ["--n_layer=-1"]), ("train.py", ["--objective=cocomix", "--n_layer=4", "--concept_layer=4"]),
+    ("train_sae.py", ["--sae_k=0"]), ("attribution.py", ["--k_attr=0"]), ("sample.py", ["--max_new_tokens=0"]),
+    ("eval.py", ["--batch_tokens=0"]), ("concepts.py", ["--top=0"]), ("bench.py", ["--iters=0"]),
+    ("pipeline.py", ["--seeds=0"]), ("prepare.py", ["topics", "--val_fraction=1"]),
+])
+def test_a_script_refuses_a_setting_out_of_range_before_any_work(tmp_path, script, args):
+    out = tmp_path / "out"
+    # where each script that writes would write
+    where = {"prepare.py": "data_dir", "attribution.py": "label_cache", "train.py": "out_dir", "train_sae.py": "out_dir",
+             "pipeline.py": "out_dir"}
+    where = [f"--{where[script]}={out}"] if script in where else []
+    proc = run(script, *args, *where, cwd=tmp_path, check=False)
+    key = (args[-1][2:]).split("=")[0]
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {key} must be in "), proc.stderr
+    assert proc.stderr.count("\n") == 1 and not out.exists() and os.listdir(tmp_path) == []
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
