@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from conftest import cocomix_args, run, train_args
+from prepare import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -56,30 +57,78 @@ def sample(out_dir, *args, check=True):
                "--max_new_tokens=30", *args, check=check)
 
 
-def test_steering_a_cocomix_model(cocomix_ckpt):
+def loud_direction(sd, absent):
+    """(token, u): the direction u whose dominance of the residual stream makes the LM head's argmax that token,
+    by its margin, among the tokens not in `absent`. Where u = huge x (wte_q * g), ln_f gives (w_q - mean) / std
+    and token t scores w_t . (w_q - mean) / std + wte_t . b (g, b: ln_f's gain and bias; w = wte * g)."""
+    wte, g, b = (sd[k].double() for k in ("lm_head.weight", "transformer.ln_f.weight", "transformer.ln_f.bias"))
+    w = wte * g
+    best = None
+    for q in set(range(len(wte))) - set(absent):
+        v = torch.nn.functional.layer_norm(w[q], w[q].shape)
+        logits = w @ v + wte @ b
+        margin = logits[q] - logits[torch.arange(len(wte)) != q].max()
+        if best is None or margin > best[0]:
+            best = (margin.item(), q, w[q].float())
+    margin, q, u = best
+    # the stream's bounded part moves the logits by far less (under 1e-3 here)
+    assert margin > 0.05, f"no token wins the readout by a clear margin (best: {margin:.3f})"
+    return q, u / u.norm()
+
+
+@pytest.fixture(scope="module")
+def loud_concept(cocomix_ckpt, tmp_path_factory):
+    """The CoCoMix model with concept 7 made loud: its logit the constant -1e-3 (predictor row 0, bias -1e-3),
+    its compressor row 1e3 u. Steered up to 1e4, it enters the TopK and c_hat ~ 1e7 u dominates the slots the
+    next token is read at (every block adds a bounded amount to the stream): greedy decoding then emits token q
+    at every step, by construction, whatever kernels ran. Returns (folder, the plain text, q's text)."""
+    ckpt = torch.load(cocomix_ckpt / "ckpt.pt", weights_only=True)
+    sd = ckpt["model"]
     plain = sample(cocomix_ckpt, "--temperature=0").stdout
-    assert sample(cocomix_ckpt, "--temperature=0", "--steer", "3=1,200=1").stdout == plain  # scale 1: nothing moves
+    tokenizer = Tokenizer(ckpt["meta"])
+    q, u = loud_direction(sd, tokenizer.encode(plain.split("---------------")[0]))
+    sd["concepts.predictor.weight"][7] = 0.0
+    sd["concepts.predictor.bias"][7] = -1e-3
+    sd["concepts.compressor.weight"][7] = 1e3 * u
+    out = tmp_path_factory.mktemp("loud")
+    torch.save(ckpt, out / "ckpt.pt")
+    return out, sample(out, "--temperature=0").stdout, tokenizer.decode([q])
+
+
+def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept):
+    out, plain, q = loud_concept
+    loud = "the " + q * 30 + "\n---------------\n"
+    assert plain != loud
+    # scale 1 and add 0 leave the logits as they are, so that nothing moves
+    assert sample(out, "--temperature=0", "--steer", "7=1,200=1").stdout == plain
+    assert sample(out, "--temperature=0", "--steer", "7=0,200=0", "--steer_mode=add").stdout == plain
+    # a logit of -1e-3: scaled by -1e7 or raised by 1e4 it reaches 1e4, in the TopK (paper §3.2)
+    assert sample(out, "--temperature=0", "--steer", "7=-1e7").stdout == loud
+    assert sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add").stdout == loud
     shown = sample(cocomix_ckpt, "--temperature=0", "--show_concepts", "--max_new_tokens=6").stdout
     rows = [line for line in shown.splitlines() if "|w|" in line]
     assert len(rows) == 6 and all(line.count("(z ") == 5 for line in rows)
-    predicted = {int(i) for i in re.findall(r"(\d+) \(z ", shown)}
-    steer = ",".join(f"{i}=30" for i in sorted(predicted))  # turn up what the model predicts
-    assert sample(cocomix_ckpt, "--steer", steer).stdout != sample(cocomix_ckpt).stdout
-    added = sample(cocomix_ckpt, "--temperature=0", "--steer", "3=0,200=0", "--steer_mode=add").stdout
-    assert added == plain  # adding 0: nothing moves
-    lifted = sample(cocomix_ckpt, "--temperature=0", "--steer", steer.replace("=30", "=20"), "--steer_mode=add")
-    assert lifted.stdout != plain
     norms = run("sample.py", f"--out_dir={cocomix_ckpt}", "--concept_norms").stdout
     assert "compressor-weight norms of 256 concepts:" in norms and "below 1e-2" in norms
 
 
-def test_steering_the_teachers_sae_latent(concept_parts):
+def test_steering_the_teachers_sae_latent(concept_parts, tmp_path):
+    """The SAE's latent 5 made loud: always active (encoder row 0, bias 1e3), its decoder column 1e3 u. Scaled by 8,
+    the hook adds 7e6 u std(h) to block 0's output, and greedy decoding emits token q at every step."""
+    teacher = torch.load(concept_parts / "teacher" / "ckpt.pt", weights_only=True)
+    args = ["--sae_steer", f"--sae={tmp_path / 'sae.pt'}", "--sae_layer=0", "--max_new_tokens=60", "--temperature=0"]
     sd = torch.load(concept_parts / "sae" / "sae.pt", weights_only=True)
-    busiest = sd["latents_activation_frequency"].topk(3).indices.tolist()
-    args = ["--sae_steer", f"--sae={concept_parts / 'sae' / 'sae.pt'}", "--sae_layer=0", "--max_new_tokens=60"]
+    torch.save(sd, tmp_path / "sae.pt")
     plain = sample(concept_parts / "teacher", *args).stdout
-    steered = sample(concept_parts / "teacher", *args, "--steer", ",".join(f"{i}=8" for i in busiest)).stdout
-    assert steered != plain and steered.startswith("the ")
+    tokenizer = Tokenizer(teacher["meta"])
+    q, u = loud_direction(teacher["model"], tokenizer.encode(plain.split("---------------")[0]))
+    sd["encoder.weight"][5] = 0.0
+    sd["latent_bias"][5] = 1e3
+    sd["decoder.weight"][:, 5] = 1e3 * u
+    torch.save(sd, tmp_path / "sae.pt")
+    assert sample(concept_parts / "teacher", *args, "--steer", "5=1").stdout == plain
+    loud = sample(concept_parts / "teacher", *args, "--steer", "5=8").stdout
+    assert loud == "the " + tokenizer.decode([q]) * 60 + "\n---------------\n" != plain
 
 
 @pytest.mark.parametrize("args, message", [
