@@ -155,11 +155,10 @@ def config_of(name):
     return configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
 
 
-def build(name, labels, dev, autocast, batch, optimizer_device=None):
+def build(name, labels, dev, autocast, batch):
     """A training step of config/<name>.py at `batch` x block_size tokens: labels 'cached' (random), 'online'
     (a GPT-2-124M-shaped teacher and a 32k SAE label each batch, as train.py does) or None (NTP). Returns
-    (step, model, optimizer, labeler, the step's inputs); the optimiser is the one train.py makes for
-    `optimizer_device` (default: dev's type)."""
+    (step, model, optimizer, labeler, the step's inputs); the optimiser is the one train.py makes."""
     c = config_of(name)
     concepts = {k: c[k] for k in CONCEPT_ARGS} if labels else {}
     torch.manual_seed(0)
@@ -167,7 +166,7 @@ def build(name, labels, dev, autocast, batch, optimizer_device=None):
     with torch.device(dev):
         model = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
                               n_embd=c["n_embd"], **concepts))
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), optimizer_device or dev.split(":")[0])
+    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
     step_model = torch.compile(model) if compile and dev.startswith("cuda") else model
     labeler = None
     if labels == "online":
@@ -200,7 +199,7 @@ def estimate_peak(name, labels, batch):
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
         step, model, optimizer, labeler, inputs = build(name, labels, "cpu", torch.autocast("cpu", torch.bfloat16),
-                                                         batch, optimizer_device="cuda")
+                                                         batch)
         step()
         state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         held = [*model.parameters(), *state, *inputs]

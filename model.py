@@ -295,11 +295,13 @@ class ConceptHead(torch.autograd.Function):
             chosen = z[..., index]
             z[..., index] = chosen * amount if mode == "scale" else chosen + amount
         values, indices = z.topk(k, dim=-1)
-        loss, lse = z.new_zeros(()), None
+        loss = z.new_zeros(())
+        # log_softmax and softmax rather than logsumexp and exp: on a CPU these run torch's own kernels, the same
+        # on every x86 machine, where exp and log call MKL's, whose last bits differ between Intel and AMD
         if labels is not None:
-            lse = torch.cat([torch.logsumexp(z[s:s + chunk], dim=-1) for s in range(0, z.size(0), chunk)])
-            loss = (lse - z.gather(-1, labels).mean(dim=-1)).mean()
-        ctx.save_for_backward(x, weight, z, indices, labels, lse)
+            loss = -torch.cat([torch.log_softmax(z[s:s + chunk], dim=-1).gather(-1, labels[s:s + chunk])
+                               for s in range(0, z.size(0), chunk)]).mean()
+        ctx.save_for_backward(x, weight, z, indices, labels)
         ctx.chunk = chunk
         ctx.mark_non_differentiable(z, indices)
         # an unused output's gradient stays None rather than a tensor of zeros: z's would be (N, C)
@@ -308,7 +310,7 @@ class ConceptHead(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _, grad_values, __, grad_loss):
-        x, weight, z, indices, labels, lse = ctx.saved_tensors
+        x, weight, z, indices, labels = ctx.saved_tensors
         dt, n = ctx.mm_dtype, z.size(0)
         w = weight.to(dt)
         dx = torch.empty(x.shape, dtype=dt, device=x.device)
@@ -320,7 +322,7 @@ class ConceptHead(torch.autograd.Function):
                 g = z.new_zeros(e - s, z.size(1))
             else:
                 # d/dz of the mean over positions and labels: softmax(z) - the labels' one-hot mean
-                g = (z[s:e] - lse[s:e, None]).exp_().mul_(grad_loss / n)
+                g = torch.softmax(z[s:e], dim=-1).mul_(grad_loss / n)
                 lab = labels[s:e]
                 g.scatter_add_(-1, lab, (-grad_loss / (n * lab.size(-1))).expand(lab.shape).contiguous())
             if grad_values is not None:
@@ -554,14 +556,16 @@ class GPT(nn.Module):
             return cls.from_checkpoint(load_checkpoint(name))
         return cls.from_pretrained(name)
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas):
         # Decay matrices (weights, embeddings) only; biases and LayerNorm gains stay free.
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        # fused: one kernel per step, and on a CPU torch's own square root, where the unfused step's calls MKL's,
+        # whose last bits differ between Intel and AMD
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=True)
 
     def flops_per_token(self):
         """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention scores.

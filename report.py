@@ -316,7 +316,8 @@ def machine(device):
             with open("/proc/cpuinfo") as f:
                 name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        name = f"{name}, {cores} cores, torch's {torch.backends.cpu.get_cpu_capability()} kernels"
+        mkl = f", MKL_CBWR={os.environ['MKL_CBWR']}" if "MKL_CBWR" in os.environ else ""
+        name = f"{name}, {cores} cores, torch's {torch.backends.cpu.get_cpu_capability()} kernels{mkl}"
     return f"{name}; {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 

@@ -304,7 +304,7 @@ if master:
     print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, {model_args}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2))
 if ckpt is not None:
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])

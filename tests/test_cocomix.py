@@ -115,7 +115,7 @@ def test_prediction_only_without_concept_loss_trains_like_the_plain_gpt():
     plain = GPT(GPTConfig(block_size=16, vocab_size=37, n_layer=3, n_head=2, n_embd=16))
     mixed = cocomix("none", lam_concept=0.0)
     mixed.load_state_dict({**mixed.state_dict(), **plain.state_dict()})
-    opts = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu") for m in (plain, mixed)]
+    opts = [m.configure_optimizers(0.1, 1e-2, (0.9, 0.95)) for m in (plain, mixed)]
     for step in range(5):
         x, y = torch.randint(0, 37, (4, 16)), torch.randint(0, 37, (4, 16))
         labels = torch.randint(0, 50, (4, 16, 4))

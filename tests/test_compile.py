@@ -24,7 +24,7 @@ def test_compiled_training_step_equals_eager(objective):
     x, y = torch.randint(0, 37, (4, 16)), torch.randint(0, 37, (4, 16))
     labels = torch.randint(0, 64, (4, 16, 3)) if objective == "cocomix" else None
     for model, run in ((eager, eager), (compiled, step_model)):
-        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95), "cpu")
+        optimizer = model.configure_optimizers(0.1, 1e-2, (0.9, 0.95))
         for _ in range(2):
             out = run(x, y, labels)
             out.loss.backward()
