@@ -7,8 +7,10 @@ Speed and memory of the paper's runs, printed as tables (random weights: the fig
     python bench.py --measure=memory            # peak memory of every paper config at its batch_size
     python bench.py --measure=labeler           # labeler tokens/s and memory; bf16 labels against fp32 ones
     python bench.py --measure=nanogpt --nanogpt_dir=../nanoGPT   # NTP against nanoGPT, same shape and machine
+    python bench.py --measure=bits > here.txt   # a hash of every operator's result, to diff against another CPU's
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -35,7 +37,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHERS = {"tiny": (4, 4, 128, 50257), "gpt2-124m": (12, 12, 768, 50257)}
 PAIRS = ("69m", "386m", "1b")
 
-measure = "train"  # 'train', 'memory', 'labeler' or 'nanogpt'
+measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt' or 'bits'
 pair = "69m"  # train: config/ntp_<pair>.py against config/cocomix_<pair>.py
 teacher = "tiny"  # labeler: the teacher's shape, 'tiny' (4 blocks, width 128) or 'gpt2-124m' (train, memory: gpt2-124m)
 sae_layer = 1  # labeler: the block the SAE reads (train, memory: the config's)
@@ -317,6 +319,62 @@ def bench_memory():
             print(f"  {name:<13} {batch:>10} {peak / 2**30:9.1f} {(peak + 4 * params) / 2**30:14.1f}")
 
 
+class OperatorHashes(TorchDispatchMode):
+    """Prints, for every operator that computes (views and empty tensors left out), its name, its inputs' shapes
+    and a hash of its outputs' bytes."""
+
+    SKIP = ("aten.empty", "aten.slice", "aten.view", "aten.t.", "aten.transpose", "aten.expand", "aten.as_strided",
+            "aten.detach", "aten.select", "aten.unsqueeze", "aten._unsafe_view", "aten.permute", "aten.split")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not str(func).startswith(self.SKIP):
+            hashes = [hashlib.sha256(t.detach().contiguous().view(-1).view(torch.uint8).numpy()).hexdigest()[:8]
+                      for t in tree_leaves(out) if torch.is_tensor(t) and t.numel()]
+            shapes = [tuple(a.shape) for a in tree_leaves(args) if torch.is_tensor(a)]
+            print(func, shapes, *hashes)
+        return out
+
+
+def bench_bits():
+    """Every operator's result, hashed, over two steps of each kind of work of the default pipeline at its shapes
+    (4 blocks of width 128, 512 concepts, 16 x 128 tokens; random weights and tokens): the teacher's NTP step, the
+    SAE's step, labelling, the CoCoMix student's step and its evaluation. Two CPUs that print the same lines
+    compute the same bits; where they differ, the first line that differs names the operator. A CPU of another
+    kind can be emulated (qemu-user): `qemu-x86_64 -cpu Haswell-v4 .venv/bin/python bench.py --measure=bits`."""
+    from sae import make_optimizer, train_step
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vocab, T, B = 410, 128, 16
+    x, y = torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, T))
+    with OperatorHashes():
+        teacher_model = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128))
+        optimizer = teacher_model.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+        for _ in range(2):
+            teacher_model(x, y).loss.backward()
+            torch.nn.utils.clip_grad_norm_(teacher_model.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sae = TopKSAE(512, 128, 16)
+        sae_optimizer = make_optimizer(sae, 1e-3)
+        with torch.no_grad():
+            h = teacher_model.hidden(x, 1).flatten(0, 1)
+        for _ in range(2):
+            train_step(sae, sae_optimizer, h, 64, 1 / 32, 1000)
+        labels = ConceptLabeler(teacher_model, sae, 1, k_attr=4)(x, y)
+        student = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, n_concepts=512,
+                                concept_topk=16, concept_layer=2))
+        optimizer = student.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+        for _ in range(2):
+            student(x, y, concept_labels=labels).loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            loss = student.eval()(x, y, concept_labels=labels).loss
+    print(f"CoCoMix student's loss after two steps: {loss.item()!r}")
+
+
 def bench_nanogpt():
     """NTP here against karpathy/nanoGPT's train.py on its CPU recipe's shape (4 blocks, width 128, 64 tokens,
     batch 12, no bias, a 65-character vocabulary, 300 steps, evaluation at the start and the end), whole
@@ -365,7 +423,8 @@ if __name__ == "__main__":
     configure(globals(), ranges=RANGES)
     device, dtype, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
-    measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt}
+    measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt,
+                "bits": bench_bits}
     if measure not in measures:
         raise SystemExit(f"error: measure must be one of {', '.join(measures)}, not {measure!r}")
     if mode:

@@ -43,7 +43,7 @@ from types import SimpleNamespace
 # The same bits on every x86 machine, set before torch loads, here and in every stage this runs: torch's own CPU
 # kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU (its
 # products on an Intel CPU differ in the last bits from an AMD one's otherwise, also under MKL_CBWR=AVX2,STRICT;
-# the price: the CPU stages take about 1.8 times as long). A user's own settings win.
+# the price: the CPU stages take about 1.7 times as long). A user's own settings win.
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
     for name, value in PINS.items():
@@ -92,6 +92,7 @@ steer_scales = "5,10"  # concept-logit scales compared with no steering (paper ย
 steer_adds = "10"  # concept-logit additions compared with no steering (they can lift a negative logit)
 inspect_concepts = 8  # a corpus of your own: the SAE latents (those that fire most) whose top contexts the report shows
 steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concepts.py --words); empty: the 3 most used
+
 # the range of each numeric setting, checked before any work; a bound may name another setting
 RANGES = {
     "corpus_chars": "[1000, inf)", "corpus_seed": "[0, 2**32)", "n_layer": "[1, inf)", "n_head": "[1, n_embd]",
@@ -103,6 +104,7 @@ RANGES = {
     "jobs": "[1, inf)", "threads": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[1, inf)",
     "steer_samples": "[1, inf)", "steer_tokens": "[1, inf)", "inspect_concepts": "[1, n_concepts]",
 }
+
 STAGES = ("prepare", "teacher", "sae", "labels", "students", "report")
 VAL_FRACTION = 0.05
 # The rows beside NTP and the paper's CoCoMix: its baselines (ยง3, App. A) and ablations (Fig. 6), and one

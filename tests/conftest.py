@@ -7,6 +7,9 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# what tells torch, MKL, oneDNN and FBGEMM to run as on an x86 CPU without AVX-512
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+             "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 WORDS = ("the a of to and in is was he she it that with for as on his her they at be this had by not "
          "river stone light house garden winter ship king queen city road forest letter morning night").split()
 

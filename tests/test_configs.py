@@ -17,7 +17,7 @@ def train_defaults():
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))))
 def test_every_config_applies_to_its_script(path):
     name = os.path.basename(path)
-    script = "train_sae.py" if name.startswith("sae_") else "pipeline.py" if name.startswith("pipeline_") else "train.py"
+    script = {"sae": "train_sae.py", "pipeline": "pipeline.py"}.get(name.split("_")[0], "train.py")
     # each setting within its range too
     settings, ranges = settings_and_ranges(script)
     cfg = configure(settings, [path], ranges)

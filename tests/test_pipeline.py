@@ -23,7 +23,7 @@ import prepare
 import report
 import topics
 from configurator import config_keys
-from conftest import ROOT, run
+from conftest import AVX2_ONLY, ROOT, run
 from files import write_text
 from model import GPT, GPTConfig
 from prepare import Tokenizer, load_meta
@@ -314,6 +314,27 @@ def test_pipeline_killed_anywhere_ends_as_the_uninterrupted_run(small_run, tmp_p
                for folder, name in ((whole, "report-all"), (killed, "report-prediction_only"))]
     for row in ("ntp", "cocomix", "prediction_only"):
         assert reports[0]["final_val_ntp_loss"][row] == reports[1]["final_val_ntp_loss"][row]
+
+
+def test_pipeline_told_it_runs_without_avx512_gives_the_same_bits(small_run, tmp_path):
+    # the scaled-down pipeline with the CoCoMix and prediction-only rows, every library told to run as on a CPU
+    # without AVX-512: the same labels, losses and report figures as the small run made as the machine is
+    run("pipeline.py", *small_args(tmp_path, "--variants=prediction_only"), cwd=tmp_path, env=AVX2_ONLY)
+    whole, told = small_run[0] / "out", tmp_path / "out"
+    for split in ("train", "val"):
+        assert (whole / "labels" / f"{split}.bin").read_bytes() == (told / "labels" / f"{split}.bin").read_bytes()
+    for row in ("ntp", "cocomix", "prediction_only"):
+        for seed in (1, 2):
+            # every logged figure but the speed
+            logs = [[{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "mfu")}
+                     for line in open(folder / RUNS / f"{row}-{seed}" / "metrics.jsonl")] for folder in (whole, told)]
+            assert logs[0] == logs[1], (row, seed)
+    reports = [json.loads((folder / RUNS / name / "report.json").read_text())
+               for folder, name in ((whole, "report-all"), (told, "report-prediction_only"))]
+    for key in ("val_ntp_loss", "final_val_ntp_loss", "concept_top_k_attr", "flops_per_token"):
+        for row in ("ntp", "cocomix", "prediction_only"):
+            assert reports[0][key].get(row) == reports[1][key].get(row), (key, row)
+    assert reports[0]["sae"] == reports[1]["sae"] and reports[0]["teacher_val_loss"] == reports[1]["teacher_val_loss"]
 
 
 def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):

@@ -214,8 +214,8 @@ def test_a_value_out_of_its_range_is_refused_in_one_line_and_one_within_is_taken
 def test_a_script_refuses_a_setting_out_of_range_before_any_work(tmp_path, script, args):
     out = tmp_path / "out"
     # where each script that writes would write
-    where = {"prepare.py": "data_dir", "attribution.py": "label_cache", "train.py": "out_dir", "train_sae.py": "out_dir",
-             "pipeline.py": "out_dir"}
+    where = {"prepare.py": "data_dir", "attribution.py": "label_cache", "train.py": "out_dir",
+             "train_sae.py": "out_dir", "pipeline.py": "out_dir"}
     where = [f"--{where[script]}={out}"] if script in where else []
     proc = run(script, *args, *where, cwd=tmp_path, check=False)
     key = (args[-1][2:]).split("=")[0]

@@ -3,7 +3,7 @@ import re
 import pytest
 import torch
 
-from conftest import cocomix_args, run, train_args
+from conftest import AVX2_ONLY, cocomix_args, run, train_args
 from prepare import Tokenizer
 
 
@@ -45,16 +45,25 @@ def test_bad_input(trained, args, message):
     assert proc.returncode == 1 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
+# the steering tests train and sample on this machine as it is, and told to behave like one without AVX-512
+MACHINES = {"as_is": {}, "avx2_only": AVX2_ONLY}
+
+
+@pytest.fixture(scope="module", params=sorted(MACHINES))
+def machine(request):
+    return MACHINES[request.param]
+
+
 @pytest.fixture(scope="module")
-def cocomix_ckpt(char_data, concept_parts, tmp_path_factory):
+def cocomix_ckpt(char_data, concept_parts, tmp_path_factory, machine):
     out = tmp_path_factory.mktemp("cocomix") / "out"
-    run("train.py", *cocomix_args(char_data, concept_parts, out, max_iters=40, eval_interval=40))
+    run("train.py", *cocomix_args(char_data, concept_parts, out, max_iters=40, eval_interval=40), env=machine)
     return out
 
 
-def sample(out_dir, *args, check=True):
+def sample(out_dir, *args, check=True, env=None):
     return run("sample.py", f"--out_dir={out_dir}", "--device=cpu", "--start=the ", "--num_samples=1",
-               "--max_new_tokens=30", *args, check=check)
+               "--max_new_tokens=30", *args, check=check, env=env)
 
 
 def loud_direction(sd, absent):
@@ -77,14 +86,14 @@ def loud_direction(sd, absent):
 
 
 @pytest.fixture(scope="module")
-def loud_concept(cocomix_ckpt, tmp_path_factory):
+def loud_concept(cocomix_ckpt, tmp_path_factory, machine):
     """The CoCoMix model with concept 7 made loud: its logit the constant -1e-3 (predictor row 0, bias -1e-3),
     its compressor row 1e3 u. Steered up to 1e4, it enters the TopK and c_hat ~ 1e7 u dominates the slots the
     next token is read at (every block adds a bounded amount to the stream): greedy decoding then emits token q
     at every step, by construction, whatever kernels ran. Returns (folder, the plain text, q's text)."""
     ckpt = torch.load(cocomix_ckpt / "ckpt.pt", weights_only=True)
     sd = ckpt["model"]
-    plain = sample(cocomix_ckpt, "--temperature=0").stdout
+    plain = sample(cocomix_ckpt, "--temperature=0", env=machine).stdout
     tokenizer = Tokenizer(ckpt["meta"])
     q, u = loud_direction(sd, tokenizer.encode(plain.split("---------------")[0]))
     sd["concepts.predictor.weight"][7] = 0.0
@@ -92,19 +101,19 @@ def loud_concept(cocomix_ckpt, tmp_path_factory):
     sd["concepts.compressor.weight"][7] = 1e3 * u
     out = tmp_path_factory.mktemp("loud")
     torch.save(ckpt, out / "ckpt.pt")
-    return out, sample(out, "--temperature=0").stdout, tokenizer.decode([q])
+    return out, sample(out, "--temperature=0", env=machine).stdout, tokenizer.decode([q])
 
 
-def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept):
+def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept, machine):
     out, plain, q = loud_concept
     loud = "the " + q * 30 + "\n---------------\n"
     assert plain != loud
     # scale 1 and add 0 leave the logits as they are, so that nothing moves
-    assert sample(out, "--temperature=0", "--steer", "7=1,200=1").stdout == plain
-    assert sample(out, "--temperature=0", "--steer", "7=0,200=0", "--steer_mode=add").stdout == plain
+    assert sample(out, "--temperature=0", "--steer", "7=1,200=1", env=machine).stdout == plain
+    assert sample(out, "--temperature=0", "--steer", "7=0,200=0", "--steer_mode=add", env=machine).stdout == plain
     # a logit of -1e-3: scaled by -1e7 or raised by 1e4 it reaches 1e4, in the TopK (paper §3.2)
-    assert sample(out, "--temperature=0", "--steer", "7=-1e7").stdout == loud
-    assert sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add").stdout == loud
+    assert sample(out, "--temperature=0", "--steer", "7=-1e7", env=machine).stdout == loud
+    assert sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add", env=machine).stdout == loud
     shown = sample(cocomix_ckpt, "--temperature=0", "--show_concepts", "--max_new_tokens=6").stdout
     rows = [line for line in shown.splitlines() if "|w|" in line]
     assert len(rows) == 6 and all(line.count("(z ") == 5 for line in rows)
@@ -112,22 +121,22 @@ def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept):
     assert "compressor-weight norms of 256 concepts:" in norms and "below 1e-2" in norms
 
 
-def test_steering_the_teachers_sae_latent(concept_parts, tmp_path):
+def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     """The SAE's latent 5 made loud: always active (encoder row 0, bias 1e3), its decoder column 1e3 u. Scaled by 8,
     the hook adds 7e6 u std(h) to block 0's output, and greedy decoding emits token q at every step."""
     teacher = torch.load(concept_parts / "teacher" / "ckpt.pt", weights_only=True)
     args = ["--sae_steer", f"--sae={tmp_path / 'sae.pt'}", "--sae_layer=0", "--max_new_tokens=60", "--temperature=0"]
     sd = torch.load(concept_parts / "sae" / "sae.pt", weights_only=True)
     torch.save(sd, tmp_path / "sae.pt")
-    plain = sample(concept_parts / "teacher", *args).stdout
+    plain = sample(concept_parts / "teacher", *args, env=machine).stdout
     tokenizer = Tokenizer(teacher["meta"])
     q, u = loud_direction(teacher["model"], tokenizer.encode(plain.split("---------------")[0]))
     sd["encoder.weight"][5] = 0.0
     sd["latent_bias"][5] = 1e3
     sd["decoder.weight"][:, 5] = 1e3 * u
     torch.save(sd, tmp_path / "sae.pt")
-    assert sample(concept_parts / "teacher", *args, "--steer", "5=1").stdout == plain
-    loud = sample(concept_parts / "teacher", *args, "--steer", "5=8").stdout
+    assert sample(concept_parts / "teacher", *args, "--steer", "5=1", env=machine).stdout == plain
+    loud = sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout
     assert loud == "the " + tokenizer.decode([q]) * 60 + "\n---------------\n" != plain
 
 
