@@ -46,8 +46,7 @@ from types import SimpleNamespace
 # the price: the CPU stages take about 1.7 times as long). A user's own settings win.
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
-    for name, value in PINS.items():
-        os.environ.setdefault(name, value)
+    os.environ.update({name: value for name, value in PINS.items() if name not in os.environ})
 
 import torch  # noqa: E402
 
