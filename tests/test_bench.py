@@ -9,7 +9,7 @@ from torch.utils.flop_counter import flop_registry
 
 from attribution import ConceptLabeler
 from bench import LiveBytes, labeler_flops_per_token
-from conftest import run
+from conftest import AVX2_ONLY, run
 from model import GPT, GPTConfig
 from sae import TopKSAE
 
@@ -131,10 +131,13 @@ def test_model_flops_per_token_match_a_flop_counter(concepts):
 
 
 def test_operator_hashes_repeat_and_see_which_kernels_ran():
-    """bench.py --measure=bits: the same lines on a second run; other kernels (torch's scalar ones) change lines, and
-    the first that differs is an operator that computes, named with its inputs' shapes."""
+    """bench.py --measure=bits: the same lines on a second run, there told to run without AVX-512; other kernels
+    (torch's scalar ones) change lines, and the first that differs is an operator that computes, named with its
+    inputs' shapes."""
     pins = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
-    first, again = (run("bench.py", "--measure=bits", env=pins).stdout.splitlines() for _ in range(2))
+    # under the pipeline's pins, told to run as on a CPU without AVX-512 too
+    first, again = (run("bench.py", "--measure=bits", env={**env, **pins}).stdout.splitlines()
+                    for env in ({}, AVX2_ONLY))
     assert first == again and len(first) > 1000 and first[-1].startswith("CoCoMix student's loss after two steps:")
     other = run("bench.py", "--measure=bits", env={**pins, "ATEN_CPU_CAPABILITY": "default"}).stdout.splitlines()
     differ = [a for a, b in zip(first, other) if a != b]

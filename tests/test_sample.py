@@ -54,11 +54,21 @@ def machine(request):
     return MACHINES[request.param]
 
 
-@pytest.fixture(scope="module")
-def cocomix_ckpt(char_data, concept_parts, tmp_path_factory, machine):
+def train_cocomix(char_data, concept_parts, tmp_path_factory, env=None):
     out = tmp_path_factory.mktemp("cocomix") / "out"
-    run("train.py", *cocomix_args(char_data, concept_parts, out, max_iters=40, eval_interval=40), env=machine)
+    run("train.py", *cocomix_args(char_data, concept_parts, out, max_iters=40, eval_interval=40), env=env)
     return out
+
+
+@pytest.fixture(scope="module")
+def cocomix_ckpt(char_data, concept_parts, tmp_path_factory):
+    return train_cocomix(char_data, concept_parts, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def machine_ckpt(char_data, concept_parts, tmp_path_factory, machine):
+    """A CoCoMix model trained on `machine`."""
+    return train_cocomix(char_data, concept_parts, tmp_path_factory, machine)
 
 
 def sample(out_dir, *args, check=True, env=None):
@@ -86,14 +96,14 @@ def loud_direction(sd, absent):
 
 
 @pytest.fixture(scope="module")
-def loud_concept(cocomix_ckpt, tmp_path_factory, machine):
+def loud_concept(machine_ckpt, tmp_path_factory, machine):
     """The CoCoMix model with concept 7 made loud: its logit the constant -1e-3 (predictor row 0, bias -1e-3),
     its compressor row 1e3 u. Steered up to 1e4, it enters the TopK and c_hat ~ 1e7 u dominates the slots the
     next token is read at (every block adds a bounded amount to the stream): greedy decoding then emits token q
     at every step, by construction, whatever kernels ran. Returns (folder, the plain text, q's text)."""
-    ckpt = torch.load(cocomix_ckpt / "ckpt.pt", weights_only=True)
+    ckpt = torch.load(machine_ckpt / "ckpt.pt", weights_only=True)
     sd = ckpt["model"]
-    plain = sample(cocomix_ckpt, "--temperature=0", env=machine).stdout
+    plain = sample(machine_ckpt, "--temperature=0", env=machine).stdout
     tokenizer = Tokenizer(ckpt["meta"])
     q, u = loud_direction(sd, tokenizer.encode(plain.split("---------------")[0]))
     sd["concepts.predictor.weight"][7] = 0.0
@@ -104,7 +114,7 @@ def loud_concept(cocomix_ckpt, tmp_path_factory, machine):
     return out, sample(out, "--temperature=0", env=machine).stdout, tokenizer.decode([q])
 
 
-def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept, machine):
+def test_steering_a_cocomix_model(loud_concept, machine):
     out, plain, q = loud_concept
     loud = "the " + q * 30 + "\n---------------\n"
     assert plain != loud
@@ -114,6 +124,9 @@ def test_steering_a_cocomix_model(cocomix_ckpt, loud_concept, machine):
     # a logit of -1e-3: scaled by -1e7 or raised by 1e4 it reaches 1e4, in the TopK (paper §3.2)
     assert sample(out, "--temperature=0", "--steer", "7=-1e7", env=machine).stdout == loud
     assert sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add", env=machine).stdout == loud
+
+
+def test_concepts_shown_and_their_norms(cocomix_ckpt):
     shown = sample(cocomix_ckpt, "--temperature=0", "--show_concepts", "--max_new_tokens=6").stdout
     rows = [line for line in shown.splitlines() if "|w|" in line]
     assert len(rows) == 6 and all(line.count("(z ") == 5 for line in rows)

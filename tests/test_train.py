@@ -167,7 +167,7 @@ def test_bad_input(char_data, tmp_path):
     assert "batch_tokens=100 is not a multiple" in failure(*train_args(char_data, tmp_path / "o", batch_tokens=100))
     assert "cannot resume: no checkpoint" in failure(*train_args(char_data, tmp_path / "none", init_from="resume"))
     assert "init_from a GPT-2 trains with objective='ntp'" in failure(
-        *train_args(char_data, tmp_path / "o", init_from="gpt2", objective="cocomix"))
+        *train_args(char_data, tmp_path / "o", init_from="gpt2", objective="cocomix", concept_layer=1))
 
 
 def test_bad_checkpoints(char_data, tmp_path):
@@ -209,7 +209,8 @@ def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_
 
 def test_offline_sae_download_is_a_clear_error(char_data, tmp_path):
     proc = run("train.py", *train_args(char_data, tmp_path / "o", objective="cocomix", sae="http://127.0.0.1:9/5.pt",
-                                       n_concepts=8, teacher=tmp_path), env={"HOME": str(tmp_path)}, check=False)
+                                       n_concepts=8, concept_topk=4, concept_layer=1, teacher=tmp_path),
+               env={"HOME": str(tmp_path)}, check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "concept labels: cannot download http://127.0.0.1:9/5.pt" in proc.stderr
     assert not any((tmp_path / ".cache").rglob("*.tmp"))  # nothing half-downloaded
