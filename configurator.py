@@ -99,7 +99,7 @@ def usage(g, keys, ranges=None):
 
 def configure(g, argv=None, ranges=None):
     """Applies config files and overrides in `argv` (default: sys.argv[1:]) to the globals `g`, checks the
-    settings named in `ranges` ({setting: range}, see `interval`), and returns the settings as a dict."""
+    settings named in `ranges` ({setting: range}, see `check_range`), and returns the settings as a dict."""
     argv = sys.argv[1:] if argv is None else list(argv)
     keys = config_keys(g)
     valid = "valid keys: " + ", ".join(sorted(keys))
