@@ -6,6 +6,7 @@ entries name the concepts that matter for the next token.
 Cache the labels of a whole token file so training need not run the teacher:
 
     python attribution.py --data_dir=data/openwebtext --teacher=gpt2 --sae=openai --sae_layer=5
+    python attribution.py --data_dir=data/books --teacher=smollm2 --sae=out-sae-smollm2/sae.pt --sae_layer=14
     python attribution.py --data_dir=data/tiny --teacher=out-tiny --sae=out-sae-tiny/sae.pt --sae_layer=1 \
         --block_size=128 --split=both
 """
@@ -20,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from files import write_text
-from model import GPT, layer_norm
 from sae import TopKSAE
+from teacher import as_teacher, load_teacher
 
 LABEL_SOURCES = ("pre", "post")
 LABEL_SIGNS = ("literal", "abs", "neg")
@@ -35,6 +36,7 @@ class ConceptLabeler:
 
         h = the teacher's residual stream after block sae_layer,   g = dLoss/dh
         a = c_pre * dLoss/dc = c_pre * (W_dec^T (g * std(h)))      x_hat = (W_dec c + pre_bias) * std + mu
+                                                                   (std = 1, mu = 0: an SAE that reads h itself)
         labels = the k_attr largest entries of a
 
     computed equal to that (tests/test_attribution.py::test_scores_equal_an_independent_autograd_computation
@@ -52,6 +54,8 @@ class ConceptLabeler:
     label_dtype:  the teacher's precision, whatever autocast surrounds the call: "float32" (the authors'),
                   or "bfloat16" / "float16" (faster, other labels at a few % of positions: bench.py
                   --measure=labeler prints the agreement). The SAE always runs in fp32.
+
+    teacher: a Teacher (teacher.py), or a plain GPT or transformers causal LM, which becomes one.
     """
 
     def __init__(self, teacher, sae, sae_layer, k_attr=4, label_source="pre", label_sign="literal", chunk_size=1024,
@@ -62,14 +66,15 @@ class ConceptLabeler:
                              f"{label_score!r}")
         if label_dtype not in LABEL_DTYPES:
             raise ValueError(f"label_dtype must be one of {', '.join(LABEL_DTYPES)}, not {label_dtype!r}")
-        if not 0 <= sae_layer < teacher.config.n_layer:
-            raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of {teacher.config.n_layer} blocks")
-        if sae.d_model != teacher.config.n_embd:
+        teacher = as_teacher(teacher)
+        if not 0 <= sae_layer < teacher.n_layer:
+            raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of {teacher.n_layer} blocks")
+        if sae.d_model != teacher.n_embd:
             raise ValueError(f"the SAE reads width {sae.d_model}, the teacher's residual stream is "
-                             f"{teacher.config.n_embd} wide")
+                             f"{teacher.n_embd} wide")
         if not 0 < k_attr <= sae.n_concepts:
             raise ValueError(f"k_attr must be in [1, {sae.n_concepts}], got {k_attr}")
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher
         self.sae = sae.eval().requires_grad_(False)
         self.sae_layer, self.k_attr, self.chunk_size = sae_layer, k_attr, chunk_size
         self.label_source, self.label_sign, self.label_score = label_source, label_sign, label_score
@@ -84,10 +89,8 @@ class ConceptLabeler:
     @torch.enable_grad()
     def residual_and_grad(self, x, y):
         """h after block `sae_layer` and g = dLoss/dh: one forward, one backward that stops at h."""
-        with torch.no_grad():
-            h = self.teacher.hidden(x, self.sae_layer)
-        h = h.detach().requires_grad_()
-        z = self.teacher.final_hidden(h, self.sae_layer).flatten(0, 1)
+        h, z = self.teacher.split_at(x, self.sae_layer)
+        z = z.flatten(0, 1)
         # One backward pass of the summed loss (the release: the mean, the same ranking): g_t also carries
         # h_t's effect on later positions through attention, where eq. 1 writes the loss at t alone,
         # whose exact gradients would cost T backward passes. The LM head runs over chunks of positions,
@@ -110,7 +113,7 @@ class ConceptLabeler:
                 h, g = self.residual_and_grad(x, y)
         sae = self.sae
         with torch.autocast(h.device.type, enabled=False):
-            x_n, _, std = layer_norm(h)
+            x_n, _, std = sae.normalize(h)
             for s in range(0, h.size(0), self.chunk_size):
                 e = min(s + self.chunk_size, h.size(0))
                 c = F.linear(x_n[s:e] - sae.pre_bias, sae.encoder.weight, sae.latent_bias)
@@ -140,24 +143,13 @@ class ConceptLabeler:
         return out.view(*x.shape, -1)
 
 
-def load_teacher(teacher, device, data_vocab_size, block_size):
-    """The frozen teacher (a train.py out_dir, a GPT-2 size or folder) on `device`; a ValueError if it
-    cannot read the data's tokens at block_size."""
-    model = GPT.load(teacher)
-    t = model.config
-    if t.vocab_size < data_vocab_size or t.block_size < block_size:
-        raise ValueError(f"the teacher (vocabulary {t.vocab_size}, {t.block_size} positions) cannot read the data "
-                         f"(vocabulary {data_vocab_size}) at block_size {block_size}")
-    return model.to(device).eval().requires_grad_(False)
-
-
-def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device, data_vocab_size,
-                 block_size, chunk_size=1024, label_dtype="float32"):
-    """The labeler of train.py's and this command's settings, with the teacher (see load_teacher) and
-    the SAE (see TopKSAE.load) on `device`; a ValueError (FileNotFoundError for a missing file) says
-    what does not fit."""
+def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device, meta, block_size,
+                 chunk_size=1024, label_dtype="float32"):
+    """The labeler of train.py's and this command's settings, with the teacher (teacher.load_teacher, checked
+    against the corpus' meta.json) and the SAE (TopKSAE.load) on `device`; a ValueError (FileNotFoundError for a
+    missing file) says what does not fit."""
     sae_model = TopKSAE.load(sae, sae_layer)
-    teacher_model = load_teacher(teacher, device, data_vocab_size, block_size)
+    teacher_model = load_teacher(teacher, device, meta, block_size)
     return ConceptLabeler(teacher_model, sae_model.to(device), sae_layer, k_attr, label_source, label_sign, chunk_size,
                           label_score, label_dtype)
 
@@ -224,8 +216,8 @@ class LabelCache:
 # ----------------------------------------------------------------------------- the command
 data_dir = "data/openwebtext"  # a folder made by prepare.py
 split = "train"  # 'train', 'val' or 'both'
-teacher = "gpt2"  # a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
-sae = "openai"  # an SAE file, its https URL, or 'openai' for OpenAI's GPT-2 small v5 32k SAE at `sae_layer`
+teacher = "gpt2"  # a train.py out_dir, a GPT-2 size, a Hugging Face folder or hub id, a .gguf file, or smollm2
+sae = "openai"  # an SAE file or its https URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's at sae_layer)
 sae_layer = 5  # the block whose output the SAE reads (0-based; GPT-2 + OpenAI's 5.pt: 5)
 k_attr = 4  # labels per position (the paper: 4)
 label_source = "pre"  # 'pre' (the paper: pre-activations) or 'post' (the authors' release: TopK activations)
@@ -254,13 +246,13 @@ if __name__ == "__main__":
     try:
         meta = load_meta(data_dir)
         labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
-                               meta["vocab_size"], block_size, chunk_size, label_dtype)
+                               meta, block_size, chunk_size, label_dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     os.makedirs(label_cache, exist_ok=True)
     # the settings a reader checks (n_concepts is the SAE's, not a setting of this command), and the weights
     made_by = {**{k: config[k] for k in LABEL_SETTINGS if k in config}, "n_concepts": labeler.sae.n_concepts,
-               "teacher_fingerprint": fingerprint(labeler.teacher), "sae_fingerprint": fingerprint(labeler.sae)}
+               "teacher_fingerprint": fingerprint(labeler.teacher.lm), "sae_fingerprint": fingerprint(labeler.sae)}
     for s in ("train", "val") if split == "both" else (split,):
         data = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r")
         n_windows = (len(data) - 1) // block_size

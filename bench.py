@@ -6,6 +6,7 @@ Speed and memory of the paper's runs, printed as tables (random weights: the fig
     python bench.py --pair=386m --compile=True  # on a GPU: tokens/s, MFU, step time against the FLOP floor
     python bench.py --measure=memory            # peak memory of every paper config at its batch_size
     python bench.py --measure=labeler           # labeler tokens/s and memory; bf16 labels against fp32 ones
+    python bench.py --measure=labeler --teacher=smollm2 --sae_layer=14 --batch_size=4 --block_size=256
     python bench.py --measure=nanogpt --nanogpt_dir=../nanoGPT   # NTP against nanoGPT, same shape and machine
     python bench.py --measure=bits > here.txt   # a hash of every operator's result, to diff against another CPU's
 """
@@ -31,6 +32,7 @@ from attribution import ConceptLabeler
 from configurator import configure, script_settings
 from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, peak_flops
 from sae import TopKSAE
+from teacher import as_teacher, load_teacher
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # teacher shapes: (n_layer, n_head, n_embd, vocab_size)
@@ -39,7 +41,7 @@ PAIRS = ("69m", "386m", "1b")
 
 measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt' or 'bits'
 pair = "69m"  # train: config/ntp_<pair>.py against config/cocomix_<pair>.py
-teacher = "tiny"  # labeler: the teacher's shape, 'tiny' (4 blocks, width 128) or 'gpt2-124m' (train, memory: gpt2-124m)
+teacher = "tiny"  # labeler: 'tiny' (4 blocks, width 128), 'gpt2-124m' (random weights), or a teacher name: smollm2, ...
 sae_layer = 1  # labeler: the block the SAE reads (train, memory: the config's)
 n_concepts = 32768  # labeler: C (train, memory: the config's)
 sae_k = 32  # active SAE latents per token (OpenAI's GPT-2 SAEs: 32)
@@ -131,25 +133,18 @@ def storage_bytes(tensors):
 
 
 def labeler_flops_per_token(labeler, block_size):
-    """The labeler's FLOPs per token, counted as GPT.flops_per_token counts: 2 per weight and 4 x width x T
-    per block of attention for the teacher's forward; the same again for the backward of the input gradients
-    (no weight gradients) from the LM head down to sae_layer; 2 x width x C for the SAE's encoder and, for
-    attribution, as much for the product with its decoder. The activation ablation runs no backward and
-    stops the forward at sae_layer."""
-    t = labeler.teacher
-    d, n_layer = t.config.n_embd, t.config.n_layer
-    head = t.config.vocab_size * d
-    upper = t.transformer.h[labeler.sae_layer + 1:]
-
-    def weights(blocks):
-        return sum(p.numel() for b in blocks for p in b.parameters() if p.dim() == 2)
-
-    sae = 2 * d * labeler.sae.n_concepts
+    """The labeler's FLOPs per token, counted as GPT.flops_per_token counts (Teacher.flops_per_token): the
+    teacher's forward; the backward of the input gradients (no weight gradients) from the LM head down to
+    sae_layer, as many FLOPs as that part's forward but twice for attention; 2 x width x C for the SAE's
+    encoder and, for attribution, as much for the product with its decoder. The activation ablation runs no
+    backward and stops the forward at sae_layer."""
+    t, lower = labeler.teacher, labeler.sae_layer + 1
+    sae = 2 * t.n_embd * labeler.sae.n_concepts
     if labeler.label_score == "activation":
-        lower = t.transformer.h[:labeler.sae_layer + 1]
-        return 2 * weights(lower) + 4 * len(lower) * d * block_size + sae
-    forward = 2 * (weights(t.transformer.h) + head) + 4 * n_layer * d * block_size
-    backward = 2 * (weights(upper) + head) + 8 * len(upper) * d * block_size
+        return t.flops_per_token(block_size, upto=lower) + sae
+    forward = t.flops_per_token(block_size)
+    upper = forward - t.flops_per_token(block_size, upto=lower)
+    backward = upper + 4 * (t.n_layer - lower) * t.n_embd * block_size
     return forward + backward + 2 * sae
 
 
@@ -214,17 +209,26 @@ def estimate_peak(name, labels, batch):
 
 
 def bench_labeler():
-    n_layer, n_head, n_embd, vocab = TEACHERS[teacher]
     torch.manual_seed(0)
-    model = GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head, n_embd=n_embd))
-    sae = TopKSAE(n_concepts, n_embd, sae_k).to(device)
-    x, y = (torch.randint(0, vocab, (batch_size, block_size), device=device) for _ in range(2))
+    if teacher in TEACHERS:
+        n_layer, n_head, n_embd, vocab = TEACHERS[teacher]
+        model = as_teacher(GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                                         n_embd=n_embd)), teacher).to(device)
+        weights = "random weights"
+    else:
+        try:
+            model = load_teacher(teacher, device)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+        weights = "its weights"
+    sae = TopKSAE(n_concepts, model.n_embd, sae_k).to(device)
+    x, y = (torch.randint(0, model.vocab_size, (batch_size, block_size), device=device) for _ in range(2))
     labels = {}
-    print(f"labeler: teacher {teacher} ({model.get_num_params() / 1e6:.1f}M, random weights), sae_layer {sae_layer}, "
+    n_params = sum(p.numel() for p in model.lm.parameters())
+    print(f"labeler: teacher {teacher} ({n_params / 1e6:.1f}M, {weights}; random tokens), sae_layer {sae_layer}, "
           f"C={n_concepts}, k_attr={k_attr}, {batch_size}x{block_size} tokens, {device}")
     for precision in dict.fromkeys(("float32", label_dtype)):
-        labeler = ConceptLabeler(model.to(device), sae, sae_layer, k_attr, chunk_size=chunk_size,
-                                 label_dtype=precision)
+        labeler = ConceptLabeler(model, sae, sae_layer, k_attr, chunk_size=chunk_size, label_dtype=precision)
 
         def call():
             labels[precision] = labeler(x, y)
@@ -233,8 +237,13 @@ def bench_labeler():
 
         dt, _, extra = timed(call, device)
         btc = batch_size * block_size * n_concepts * 4
-        print(f"  {precision}: {batch_size * block_size / dt:,.0f} tokens/s ({dt:.2f} s per call), peak memory above "
-              f"the models and inputs {extra / 2**20:,.0f} MiB = {extra / btc:.2f} x one (B, T, C) fp32 tensor")
+        flops = labeler_flops_per_token(labeler, block_size)
+        tokens_s = batch_size * block_size / dt
+        peak = peak_flops(device)
+        mfu = f", MFU {100 * flops * tokens_s / peak:.1f}%" if peak else ""
+        print(f"  {precision}: {tokens_s:,.0f} tokens/s ({dt:.2f} s per call), {flops / 1e9:.2f} GFLOPs per token "
+              f"(bench.labeler_flops_per_token) = {flops * tokens_s / 1e9:,.1f} GFLOP/s{mfu}; peak memory above the "
+              f"models and inputs {extra / 2**20:,.0f} MiB = {extra / btc:.2f} x one (B, T, C) fp32 tensor")
     if label_dtype != "float32":
         a, b = labels["float32"].sort(-1).values, labels[label_dtype].sort(-1).values
         same_set = (a == b).all(-1).float().mean().item()

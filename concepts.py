@@ -117,14 +117,14 @@ def read_back(teacher, sae, sae_layer, x, latent, top_tokens):
     its mean next-token loss). Three (B,) arrays."""
     activation = latent_activations(teacher, sae, sae_layer, x)[..., latent].float().mean(-1)
     share = torch.isin(x, torch.tensor(sorted(top_tokens), device=x.device)).float().mean(-1)
-    logits = teacher(x[:, :-1]).logits.float()
+    logits = teacher(x[:, :-1]).float()
     nll = F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none").mean(-1)
     return activation.cpu().numpy(), share.cpu().numpy(), nll.exp().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- the command
-teacher = "out-pipeline/teacher"  # a train.py out_dir (pipeline.py's teacher/), a GPT-2 size or a Hugging Face folder
-sae = "out-pipeline/sae/sae.pt"  # the teacher's SAE: a file, its https URL, or 'openai' (GPT-2 small's, at sae_layer)
+teacher = "out-pipeline/teacher"  # a train.py out_dir (pipeline.py's teacher/), GPT-2, any HF causal LM, smollm2
+sae = "out-pipeline/sae/sae.pt"  # the teacher's SAE: a file or URL, a SAELens or sparsify folder, or 'openai'
 sae_layer = 1  # the block whose output the SAE reads
 data_dir = "data/topics"  # a folder prepare.py made: its validation text is read
 words = ""  # e.g. 'sea ship waves': the latents whose top activations fall on these words most; empty: most frequent
@@ -138,18 +138,18 @@ RANGES = {"sae_layer": "[0, inf)", "n_latents": "[1, inf)", "top": "[1, inf)", "
           "block_size": "[1, inf)"}
 
 if __name__ == "__main__":
-    from attribution import load_teacher
     from configurator import configure
     from model import device_and_autocast
     from prepare import Tokenizer, load_meta
     from sae import TopKSAE
+    from teacher import load_teacher
 
     configure(globals(), ranges=RANGES)
     device, _, autocast = device_and_autocast(device)
     try:
         meta = load_meta(data_dir)
         tok = Tokenizer(meta)
-        teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
+        teacher_model = load_teacher(teacher, device, meta, block_size)
         sae_model = TopKSAE.load(sae, sae_layer).to(device).eval()
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")

@@ -470,12 +470,6 @@ class GPT(nn.Module):
             x = block(x)
         return x
 
-    def final_hidden(self, h, layer):
-        """What the LM head reads, from the residual stream `h` after block `layer`: the rest of the model."""
-        for block in self.transformer.h[layer + 1:]:
-            h = block(h)
-        return self.transformer.ln_f(h)
-
     def crop_block_size(self, block_size):
         """Shortens the context, e.g. to fine-tune GPT-2 (1024 positions) at a smaller block_size."""
         assert block_size <= self.config.block_size
@@ -601,18 +595,22 @@ class GPT(nn.Module):
             logits = out.logits[:, -1, :]
             if concept_top:
                 predicted.append(out.concept_logits[:, -1].float().topk(concept_top, dim=-1))
-            if temperature == 0:
-                idx_next = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-                    logits[logits < v[:, [-1]]] = -float("inf")
-                idx_next = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, idx_next), dim=1)
+            idx = torch.cat((idx, sample_next(logits, temperature, top_k)), dim=1)
         if not concept_top:
             return idx
         return idx, (torch.stack([v for v, _ in predicted], 1), torch.stack([i for _, i in predicted], 1))
+
+
+def sample_next(logits, temperature=1.0, top_k=None):
+    """The next tokens (B, 1) from last-position logits (B, vocab): greedy at temperature 0, else sampled from
+    the softmax of logits / temperature over the top_k largest (all if None)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < v[:, [-1]]] = -float("inf")
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
 
 
 def download_gpt2(size):

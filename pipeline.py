@@ -10,7 +10,8 @@ The whole method on the built-in corpus, offline, in one command on a CPU, or on
 
   prepare   python prepare.py topics: 8 planted topics over shared grammar, names that recur (topics.py);
             a data_dir not named 'topics' is a corpus prepare.py made already, and this stage only reads it
-  teacher   a GPT trained with next-token prediction (train.py)
+  teacher   a GPT trained with next-token prediction (train.py); or, with --teacher, a pretrained one that
+            this stage only checks against the corpus and scores (teacher.py)
   sae       a TopK SAE on the teacher's middle block (train_sae.py)
   labels    the attribution labels of every train and val token (attribution.py)
   students  per seed, an NTP baseline, the paper's CoCoMix and each of `variants` (the paper's
@@ -68,6 +69,7 @@ batch_size = 16  # sequences per forward pass
 batch_tokens = 2048  # tokens per optimiser step
 learning_rate = 2e-3  # peak learning rate, teacher and students
 teacher_iters = 600  # teacher steps (twice the students' tokens)
+teacher = ""  # '': train the teacher here; else a pretrained one, used as it is: smollm2, a HF folder (teacher.py)
 sae_layer = 1  # the teacher block whose output the SAE reads: the middle of 4
 n_concepts = 512  # SAE latents = concepts
 sae_k = 16  # active SAE latents per token
@@ -96,8 +98,8 @@ steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concept
 RANGES = {
     "corpus_chars": "[1000, inf)", "corpus_seed": "[0, 2**32)", "n_layer": "[1, inf)", "n_head": "[1, n_embd]",
     "n_embd": "[1, inf)", "block_size": "[1, inf)", "batch_size": "[1, inf)", "batch_tokens": "[1, inf)",
-    "learning_rate": "(0, inf)", "teacher_iters": "[1, inf)", "sae_layer": "[0, n_layer)", "n_concepts": "[1, inf)",
-    "sae_k": "[1, n_concepts]", "sae_iters": "[1, inf)", "k_attr": "[1, n_concepts]",
+    "learning_rate": "(0, inf)", "teacher_iters": "[1, inf)", "sae_layer": "[0, n_layer) if not teacher",
+    "n_concepts": "[1, inf)", "sae_k": "[1, n_concepts]", "sae_iters": "[1, inf)", "k_attr": "[1, n_concepts]",
     "concept_layer": "[0, student_n_layer or n_layer)", "student_n_layer": "[0, inf)", "student_n_embd": "[0, inf)",
     "concept_topk": "[1, n_concepts]", "lam_concept": "[0, inf)", "student_iters": "[1, inf)", "seeds": "[1, inf)",
     "jobs": "[1, inf)", "threads": "[1, inf)", "eval_interval": "[1, inf)", "eval_iters": "[1, inf)",
@@ -153,6 +155,14 @@ def resume_from(folder):
 
 def exists(*paths):
     return lambda: all(os.path.exists(p) for p in paths)
+
+
+def teacher_width(cfg):
+    """The teacher's width: n_embd, or a pretrained teacher's as its stage recorded it."""
+    if not cfg.teacher:
+        return cfg.n_embd
+    with open(os.path.join(cfg.out_dir, "teacher", "teacher.json")) as f:
+        return json.load(f)["n_embd"]
 
 
 def student_shape(cfg):
@@ -268,19 +278,27 @@ def make_steps(cfg):
                        "train.py", out_dir=folder, init_from=resume_from(folder), **train, n_layer=cfg.n_layer,
                        n_embd=cfg.n_embd,
                        max_iters=cfg.teacher_iters, seed=0, threads=cfg.threads))
+    # a pretrained teacher: checked against the corpus and scored on its validation text; the stages after it read
+    # it by its name
+    if cfg.teacher:
+        teacher = Step("teacher", "teacher", teacher_dir, [prepare], settings("teacher", "block_size"),
+                       outputs=exists(os.path.join(teacher_dir, "teacher.json")), run=lambda folder: tool(
+                           "teacher.py", teacher=cfg.teacher, data_dir=cfg.data_dir, block_size=cfg.block_size,
+                           out_dir=folder, threads=cfg.threads))
+    teacher_name = cfg.teacher or teacher_dir
 
     sae = Step("sae", "sae", out("sae"), [teacher], settings("sae_layer", "n_concepts", "sae_k", "sae_iters"),
                outputs=exists(sae_file), run=lambda folder: tool(
-                   "train_sae.py", teacher=teacher_dir, sae_layer=cfg.sae_layer, data_dir=cfg.data_dir, out_dir=folder,
-                   init_from=resume_from(folder), n_concepts=cfg.n_concepts, sae_k=cfg.sae_k, k_aux=cfg.n_embd // 2,
-                   block_size=cfg.block_size, batch_size=16, max_iters=cfg.sae_iters, eval_interval=100,
-                   threads=cfg.threads))
+                   "train_sae.py", teacher=teacher_name, sae_layer=cfg.sae_layer, data_dir=cfg.data_dir, out_dir=folder,
+                   init_from=resume_from(folder), n_concepts=cfg.n_concepts, sae_k=cfg.sae_k,
+                   k_aux=teacher_width(cfg) // 2, block_size=cfg.block_size, batch_size=16, max_iters=cfg.sae_iters,
+                   eval_interval=100, threads=cfg.threads))
 
     def labels_step(name, folder, label_score):
         files = [os.path.join(folder, f"{s}.{e}") for s in ("train", "val") for e in ("bin", "json")]
         return Step(name, "labels", folder, [sae], {**settings("k_attr"), "label_score": label_score},
                     outputs=exists(*files), run=lambda folder: tool(
-                        "attribution.py", data_dir=cfg.data_dir, split="both", teacher=teacher_dir, sae=sae_file,
+                        "attribution.py", data_dir=cfg.data_dir, split="both", teacher=teacher_name, sae=sae_file,
                         sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
                         label_score=label_score, label_cache=folder, threads=cfg.threads))
 
@@ -305,7 +323,7 @@ def make_steps(cfg):
         return dict(n_embd=ntp_width(cfg, load_meta(cfg.data_dir)["vocab_size"]))
 
     def cocomix(**change):
-        return {**dict(objective="cocomix", n_embd=n_embd, teacher=teacher_dir, sae=sae_file, sae_layer=cfg.sae_layer,
+        return {**dict(objective="cocomix", n_embd=n_embd, teacher=teacher_name, sae=sae_file, sae_layer=cfg.sae_layer,
                        n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir,
                        concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept),
                 **change}
@@ -316,10 +334,10 @@ def make_steps(cfg):
     rows = {
         "ntp": ({}, ntp, [prepare], ()),
         "cocomix": ({}, cocomix, [labels], concept_keys),
-        "kd": ({"objective": "kd"}, lambda: {**ntp(), "objective": "kd", "teacher": teacher_dir}, [teacher], ()),
+        "kd": ({"objective": "kd"}, lambda: {**ntp(), "objective": "kd", "teacher": teacher_name}, [teacher], ()),
         "pause": ({"objective": "pause"}, lambda: {**ntp(), "objective": "pause", "concept_layer": cfg.concept_layer},
                   [prepare], layer_keys),
-        "pause_kd": ({"objective": "pause_kd"}, lambda: {**ntp(), "objective": "pause_kd", "teacher": teacher_dir,
+        "pause_kd": ({"objective": "pause_kd"}, lambda: {**ntp(), "objective": "pause_kd", "teacher": teacher_name,
                                                          "concept_layer": cfg.concept_layer}, [teacher], layer_keys),
         "activation": ({"label_score": "activation"}, lambda: cocomix(
             label_score="activation", label_cache=activation_labels.folder), [activation_labels], concept_keys),
@@ -331,7 +349,7 @@ def make_steps(cfg):
     }
     for loss in ("l1", "l2", "cosine"):
         rows[f"hidden_{loss}"] = ({"objective": "hidden", "hidden_loss": loss}, lambda loss=loss: dict(
-            objective="hidden", hidden_loss=loss, n_embd=n_embd, teacher=teacher_dir, sae_layer=cfg.sae_layer,
+            objective="hidden", hidden_loss=loss, n_embd=n_embd, teacher=teacher_name, sae_layer=cfg.sae_layer,
             concept_layer=cfg.concept_layer, lam_concept=cfg.lam_concept), [teacher], (*concept_keys, "sae_layer"))
 
     # NTP's width follows the students' shape, n_concepts and concept_topk

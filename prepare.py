@@ -5,6 +5,7 @@ vocabulary needs it) and meta.json (tokenizer, vocabulary size, dtype, token cou
     python prepare.py openwebtext                    # the paper's corpus (Hugging Face datasets)
     python prepare.py openwebmath                    # the paper's distribution-shift corpus
     python prepare.py text --input 'books/*.txt' --data_dir=data/books [--tokenizer=char]
+    python prepare.py text --input 'books/*.txt' --data_dir=data/books-smollm2 --tokenizer=smollm2   # a teacher's
     python prepare.py topics                         # the built-in corpus (topics.py), generated offline
 
 Local text: every .txt file is one document, every line of a .jsonl file is a document with a
@@ -56,12 +57,23 @@ def gpt2_encoding(folder):
 
 
 class Tokenizer:
-    """`gpt2` (GPT-2's BPE through tiktoken, documents end with <|endoftext|>), `char` (one id per character) or
-    `words` (one id per word with its leading space, and one per other character)."""
+    """`gpt2` (GPT-2's BPE through tiktoken, documents end with <|endoftext|>), `char` (one id per character),
+    `words` (one id per word with its leading space, and one per other character), or a teacher's own: the
+    transformers tokenizer of a teacher name (teacher.py; documents end with its eos token), checked against
+    the digest of its vocabulary that meta.json records."""
 
     def __init__(self, meta):
         self.name = meta.get("tokenizer") if isinstance(meta, dict) else None
-        if self.name == "gpt2":
+        if isinstance(self.name, str) and self.name not in ("gpt2", "char", "words"):
+            from teacher import hf_tokenizer, vocabulary_digest
+            self.hf = hf_tokenizer(self.name)
+            if vocabulary_digest(self.hf) != meta.get("tokenizer_digest"):
+                raise ValueError(f"the tokenizer of {self.name} is not the one this corpus was tokenized with "
+                                 f"(its vocabulary's digest differs from meta.json's tokenizer_digest)")
+            # a whole book is one call: no warning about the model's context length
+            self.hf.model_max_length = sys.maxsize
+            self.vocab_size, self.eot = len(self.hf), self.hf.eos_token_id
+        elif self.name == "gpt2":
             self.enc = gpt2_encoding(GPT2_BPE)
             self.vocab_size, self.eot = self.enc.n_vocab, self.enc.eot_token
         elif self.name in ("char", "words"):
@@ -71,9 +83,11 @@ class Tokenizer:
             self.stoi = {c: i for i, c in enumerate(self.pieces)}
             self.vocab_size, self.eot = len(self.pieces), None
         else:
-            raise ValueError(f"unknown tokenizer {self.name!r} (known: gpt2, char, words)")
+            raise ValueError(f"unknown tokenizer {self.name!r} (known: gpt2, char, words, or a teacher name)")
 
     def encode(self, text):
+        if hasattr(self, "hf"):
+            return self.hf.encode(text, add_special_tokens=False)
         if self.name == "gpt2":
             return self.enc.encode_ordinary(text)
         pieces = split_words(text) if self.name == "words" else text
@@ -85,13 +99,18 @@ class Tokenizer:
         return [self.stoi[p] for p in pieces]
 
     def decode(self, ids):
+        if hasattr(self, "hf"):
+            return self.hf.decode(list(ids))
         if self.name == "gpt2":
             return self.enc.decode(list(ids))
         return "".join(self.pieces[i] for i in ids)
 
     def meta(self):
         meta = {"tokenizer": self.name, "vocab_size": self.vocab_size, "dtype": token_dtype(self.vocab_size).__name__}
-        if self.name == "gpt2":
+        if hasattr(self, "hf"):
+            from teacher import vocabulary_digest
+            meta.update(eot_token=self.eot, tokenizer_digest=vocabulary_digest(self.hf))
+        elif self.name == "gpt2":
             meta["eot_token"] = self.eot
         else:
             meta["chars" if self.name == "char" else "words"] = self.pieces
@@ -182,22 +201,30 @@ def read_documents(patterns, exclude=()):
 
 
 def prepare_text(args):
+    # a teacher's tokenizer first: one that cannot be found stops the command before it reads the text
+    if args.tokenizer != "char":
+        from teacher import tokenizer_meta
+        try:
+            tok = Tokenizer(tokenizer_meta(args.tokenizer))
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: --tokenizer {args.tokenizer}: {e}")
     # a held-out file stays out of training, also where --input's patterns match it
     docs = [text for _, text in read_documents(args.input, exclude=args.val_input)]
     val_docs = [text for _, text in read_documents(args.val_input)] if args.val_input else []
     if not docs or (args.val_input and not val_docs):
         raise SystemExit("error: no usable text in the input files (all empty or not UTF-8)")
-    meta = {"tokenizer": args.tokenizer}
     # a newline keeps the documents of a character-level corpus apart
     if args.tokenizer == "char":
         docs, val_docs = ([d if d.endswith("\n") else d + "\n" for d in ds] for ds in (docs, val_docs))
-        meta["chars"] = "".join(sorted(set("".join(docs + val_docs))))
-    tok = Tokenizer(meta)
+        tok = Tokenizer({"tokenizer": "char", "chars": "".join(sorted(set("".join(docs + val_docs))))})
 
     def encode(documents):
         ids = []
         for doc in progress(documents, desc="tokenizing", unit="doc"):
-            ids.extend(tok.encode(doc))
+            try:
+                ids.extend(tok.encode(doc))
+            except ValueError as e:
+                raise SystemExit(f"error: --tokenizer {args.tokenizer}: the text has {e}")
             if tok.eot is not None:
                 ids.append(tok.eot)
         return np.array(ids, dtype=token_dtype(tok.vocab_size))
@@ -307,8 +334,10 @@ def main(argv=None):
     p = sub.add_parser("text", help="tokenize local .txt / .jsonl files")
     p.add_argument("--input", nargs="+", required=True, help="files or glob patterns (quote them), e.g. 'books/*.txt'")
     p.add_argument("--data_dir", required=True, help="the output folder, e.g. data/books")
-    p.add_argument("--tokenizer", choices=["gpt2", "char"], default="gpt2",
-                   help="GPT-2 BPE, or one id per character (default: %(default)s)")
+    p.add_argument("--tokenizer", default="gpt2",
+                   help="gpt2 (GPT-2's BPE), char (one id per character), or a teacher's own: its name as "
+                        "--teacher takes it, e.g. smollm2, a Hugging Face folder or hub id, a .gguf file, a train.py "
+                        "out_dir (default: %(default)s)")
     p.add_argument("--val_fraction", type=float, default=0.1,
                    help="share of tokens, from the end, held out for validation (default: %(default)s)")
     p.add_argument("--val_input", nargs="+", default=[],

@@ -18,7 +18,8 @@ import topics
 from files import atomic_write, progress, write_text
 from model import GPT, GPTConfig, device_and_autocast, load_checkpoint
 from prepare import Tokenizer, load_meta
-from sae import TopKSAE, steering_hook
+from sae import TopKSAE, steering_edit
+from teacher import load_teacher
 
 
 # how the report names the two rows every run has; the variants go by their names in pipeline.VARIANTS
@@ -66,6 +67,22 @@ def model_shape(folder):
     return args["n_embd"], model.get_num_params(), model.flops_per_token()
 
 
+def teacher_figures(cfg):
+    """The teacher's forward FLOPs per token (what KD runs on every training token), its validation loss, and what
+    it is: a teacher trained by the teacher stage (train.py), or a pretrained one that it scored (teacher.py)."""
+    folder = os.path.join(cfg.out_dir, "teacher")
+    if cfg.teacher:
+        with open(os.path.join(folder, "teacher.json")) as f:
+            t = json.load(f)
+        return {**t, "what": f"{cfg.teacher}, pretrained: {t['params']:,} parameters, {t['n_layer']} blocks of width "
+                             f"{t['n_embd']}"}
+    # a third of its training FLOPs
+    _, _, flops = model_shape(folder)
+    return {"forward_flops_per_token": flops / 3, "val_loss": val_curve(folder)[1][-1],
+            "what": f"{cfg.n_layer} blocks of width {cfg.n_embd}, trained here on "
+                    f"{cfg.teacher_iters * cfg.batch_tokens:,} tokens"}
+
+
 def compare(row, ntp):
     """'better' or 'worse' than NTP when the means differ by more than the two spreads together, else
     'no difference'."""
@@ -96,17 +113,16 @@ def training(cfg, students_dir):
         finals = [val_curve(os.path.join(students_dir, f"{n}-{s}"), "val_concept_top_k_attr")[1] for s in seeds]
         if all(len(a) for a in finals):
             accuracy[n] = mean_std([a[-1] for a in finals])
-    teacher = model_shape(os.path.join(cfg.out_dir, "teacher"))
+    teacher = teacher_figures(cfg)
     sae_metrics = read_metrics(os.path.join(cfg.out_dir, "sae"))[-1]
     return {
         "rows": names, "ntp_width": shapes["ntp"][0], "width": {n: w for n, (w, _, _) in shapes.items()},
         "active_params": {n: p for n, (_, p, _) in shapes.items()},
         "flops_per_token": {n: f for n, (_, _, f) in shapes.items()},
-        # KD's teacher forward pass per training token: a third of the teacher's training FLOPs
-        "teacher_forward_flops_per_token": teacher[2] / 3,
+        "teacher_forward_flops_per_token": teacher["forward_flops_per_token"],
         "tokens": tokens.tolist(), "val_ntp_loss": {n: l.tolist() for n, l in losses.items()},
         "final_val_ntp_loss": final, "against_ntp": {n: compare(final[n], final["ntp"]) for n in names},
-        "teacher_val_loss": val_curve(os.path.join(cfg.out_dir, "teacher"))[1][-1],
+        "teacher_val_loss": teacher["val_loss"], "teacher": teacher["what"],
         "tokens_to_reach_ntp_final": reach,
         "concept_top_k_attr": accuracy,
         "concept_top_k_attr_chance": cfg.k_attr / cfg.n_concepts,
@@ -163,7 +179,7 @@ def steering(cfg, folder, device, autocast, detail):
         return {"steering_effect": effect}
 
     # for comparison, in the detailed table only: the teacher's SAE latent tied to each topic, and the corpus rate
-    teacher_model = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
+    teacher_model = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
     sae_model = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     with autocast:
         in_sae = topics.topic_features(lambda x: sae_model.encode_pre(teacher_model.hidden(x, cfg.sae_layer))[0], val,
@@ -191,7 +207,7 @@ def real_text(cfg, students_dir, device, autocast):
     meta = load_meta(cfg.data_dir)
     tok = Tokenizer(meta)
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
-    teacher = GPT.load(os.path.join(cfg.out_dir, "teacher")).to(device).eval()
+    teacher = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
     sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     student = GPT.from_checkpoint(load_checkpoint(os.path.join(students_dir, "cocomix-1"))).to(device).eval()
     chosen = [int(i) for i in cfg.steer_concepts.split(",") if i]
@@ -232,7 +248,7 @@ def real_text(cfg, students_dir, device, autocast):
             rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}",
                          **measured(latent, generate(student, steer={latent: v}))})
             # the teacher writes with its latent steered, and reads back unsteered
-            hook = teacher.transformer.h[cfg.sae_layer].register_forward_hook(steering_hook(sae, {latent: v}))
+            hook = teacher.edit_block(cfg.sae_layer, steering_edit(sae, {latent: v}))
             try:
                 y = generate(teacher)
             finally:
@@ -366,8 +382,7 @@ def markdown(r):
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
         f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
         "",
-        f"Teacher ({s['n_layer']} blocks of width {s['n_embd']}, {s['teacher_iters'] * s['batch_tokens']:,} tokens): "
-        f"validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} ({s['n_concepts']} latents, "
+        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} ({s['n_concepts']} latents, "
         f"k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained {pct(sae['val_fve'])}), "
         f"dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed before block "
         f"{s['concept_layer']}.",

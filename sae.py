@@ -1,10 +1,13 @@
 """
 The TopK sparse autoencoder (Gao et al., 2024) whose latents are CoCoMix's concepts. The module's
 state dict *is* OpenAI's file format (openai/sparse_autoencoder, the GPT-2 small v5 releases), and
-its training step is here too; train_sae.py trains one on a teacher's residual stream.
+its training step is here too; train_sae.py trains one on a teacher's residual stream. The TopK
+SAEs of SAELens and EleutherAI's sparsify folders are read too (TopKSAE.load).
 """
 
+import json
 import os
+import re
 import urllib.parse
 import urllib.request
 
@@ -34,11 +37,13 @@ class TopKSAE(nn.Module):
         x_hat = (W_dec c + pre_bias) * std(x) + mean(x)     the reconstruction, in x's scale
 
     checked against a numpy transcription of OpenAI's format by
-    tests/test_sae.py::test_openai_file_loads_and_matches_numpy."""
+    tests/test_sae.py::test_openai_file_loads_and_matches_numpy. SAELens' and sparsify's SAEs read x
+    itself: layer_norm_input False takes LN(x) = x, mean 0 and std 1 (not part of the state dict: only
+    OpenAI's format is written). `layer` is the block whose output the file says it reads, if it says."""
 
-    def __init__(self, n_concepts, d_model, k):
+    def __init__(self, n_concepts, d_model, k, layer_norm_input=True, layer=None):
         super().__init__()
-        self.k = k
+        self.k, self.layer_norm_input, self.layer = k, layer_norm_input, layer
         self.pre_bias = nn.Parameter(torch.zeros(d_model))
         self.latent_bias = nn.Parameter(torch.zeros(n_concepts))
         # weights (C, d) and (d, C)
@@ -61,9 +66,15 @@ class TopKSAE(nn.Module):
     def d_model(self):
         return self.pre_bias.numel()
 
+    def normalize(self, x):
+        """(LN(x), mean, std) of the residual stream x (..., d), or (x, 0, 1) for an SAE that reads x itself."""
+        if self.layer_norm_input:
+            return layer_norm(x)
+        return x, torch.zeros_like(x[..., :1]), torch.ones_like(x[..., :1])
+
     def encode_pre(self, x):
         """Pre-activations c_pre (..., C) of the raw residual stream x, with the mu, std of its LN."""
-        x, mu, std = layer_norm(x)
+        x, mu, std = self.normalize(x)
         return F.linear(x - self.pre_bias, self.encoder.weight, self.latent_bias), mu, std
 
     def topk(self, c_pre):
@@ -127,8 +138,9 @@ class TopKSAE(nn.Module):
 
     @classmethod
     def load(cls, name, sae_layer=None):
-        """An SAE by name: a local file, an https URL (downloaded once into ~/.cache/cocomix), or
-        'openai' for OpenAI's GPT-2 small v5 32k SAE on the output of block `sae_layer`."""
+        """An SAE by name: a local file, an https URL (downloaded once into ~/.cache/cocomix), 'openai' for
+        OpenAI's GPT-2 small v5 32k SAE on the output of block `sae_layer`, or a SAELens or sparsify folder
+        (read_folder), which must read the output of block `sae_layer` where its files say which block."""
         if name == "openai" and sae_layer is None:
             raise ValueError("the 'openai' SAE needs the block it reads: TopKSAE.load('openai', sae_layer)")
         if name == "openai":
@@ -136,7 +148,10 @@ class TopKSAE(nn.Module):
         path = download(name, check=cls.read) if "://" in name else name
         if not os.path.exists(path):
             raise FileNotFoundError(f"no SAE file at {path}")
-        return cls.read(path)
+        sae = read_folder(path) if os.path.isdir(path) else cls.read(path)
+        if sae_layer is not None and sae.layer is not None and sae.layer != sae_layer:
+            raise ValueError(f"the SAE in {path} reads the output of block {sae.layer}, not sae_layer {sae_layer}")
+        return sae
 
     @classmethod
     def read(cls, path):
@@ -153,6 +168,118 @@ class TopKSAE(nn.Module):
         sd = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.state_dict().items()}
         with atomic_write(path) as tmp:
             torch.save(sd, tmp)
+
+
+# ----------------------------------------------------------------------------- SAELens and sparsify folders
+# the block whose output a hook name means: TransformerLens' blocks.L.hook_resid_post, and blocks.L.hook_resid_pre
+# (the output of block L - 1); transformers' module names (model.)layers.L, h.L, the output of that block
+HOOKS = ((r"blocks\.(\d+)\.hook_resid_post", 0), (r"blocks\.(\d+)\.hook_resid_pre", -1),
+         (r"(?:.*\.)?(?:layers|h)\.(\d+)", 0))
+
+
+def hook_layer(hook):
+    """The block whose output the hook name `hook` reads; a ValueError for any other hook point."""
+    for pattern, shift in HOOKS:
+        if m := re.fullmatch(pattern, hook):
+            if int(m[1]) + shift >= 0:
+                return int(m[1]) + shift
+    raise ValueError(f"the SAE reads {hook!r}, not a block's output (the residual stream)")
+
+
+def read_safetensors(path, expect, source):
+    """The tensors of a .safetensors file, which must be exactly `expect` = {key: shape}, floating-point."""
+    from safetensors.torch import load_file
+    try:
+        sd = load_file(path)
+    except Exception as e:
+        raise ValueError(f"{path} is not a readable safetensors file: {e}") from None
+    if set(sd) != set(expect):
+        raise ValueError(f"{source}: {os.path.basename(path)} holds {', '.join(sorted(sd))}; a TopK SAE holds "
+                         f"{', '.join(sorted(expect))}")
+    for key, shape in expect.items():
+        if tuple(sd[key].shape) != shape or not sd[key].is_floating_point():
+            raise ValueError(f"{source}: {key} is {sd[key].dtype} of shape {tuple(sd[key].shape)}, not "
+                             f"floating-point of {shape}")
+    return {k: v.float() for k, v in sd.items()}
+
+
+def read_folder(folder):
+    """A TopK SAE of a SAELens folder (cfg.json, sae_weights.safetensors; v6's and older cfg.json) or of an
+    EleutherAI sparsify hookpoint folder (cfg.json, sae.safetensors; its name, e.g. layers.14, the hook), read
+    weights-only and checked key by key and shape by shape. Neither normalises x (OpenAI's SAEs do):
+
+        SAELens:  c = ReLU(TopK((x - b_dec) @ W_enc + b_enc)),   x_hat = c @ W_dec + b_dec
+        sparsify: c = TopK(ReLU((x - b_dec) @ W_enc^T + b_enc)), x_hat = c @ W_dec + b_dec
+
+    the same latents: ReLU and TopK commute but for which zeros are kept. Other architectures are refused."""
+    try:
+        with open(os.path.join(folder, "cfg.json")) as f:
+            cfg = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{folder} is not an SAE folder (a readable cfg.json): {e}") from None
+    if os.path.exists(os.path.join(folder, "sae_weights.safetensors")):
+        return read_saelens(folder, cfg)
+    if os.path.exists(os.path.join(folder, "sae.safetensors")):
+        return read_sparsify(folder, cfg)
+    raise ValueError(f"{folder} holds neither SAELens' sae_weights.safetensors nor sparsify's sae.safetensors")
+
+
+def read_saelens(folder, cfg):
+    source = f"the SAELens SAE in {folder}"
+    # v6: architecture 'topk' with k, the hook under metadata; before: activation_fn_str 'topk' with its kwargs
+    architecture = cfg.get("architecture", "standard")
+    k = cfg.get("k") if architecture == "topk" else None
+    if architecture == "standard" and cfg.get("activation_fn_str") == "topk":
+        architecture, k = "topk", (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if architecture != "topk":
+        raise ValueError(f"{source} is a {architecture!r} SAE ({cfg.get('activation_fn_str', 'relu')}): only TopK "
+                         f"SAEs are supported")
+    unsupported = {key: cfg[key] for key in ("normalize_activations", "reshape_activations") if
+                   cfg.get(key, "none") != "none"}
+    unsupported |= {key: True for key in ("rescale_acts_by_decoder_norm", "hook_head_index") if cfg.get(key)}
+    if unsupported:
+        raise ValueError(f"{source}: {unsupported} are not supported (only raw residual-stream inputs)")
+    d, n = cfg.get("d_in"), cfg.get("d_sae")
+    if not all(type(v) is int and v > 0 for v in (d, n, k)) or k > n:
+        raise ValueError(f"{source}: cfg.json's d_in {d!r}, d_sae {n!r}, k {k!r} are not sizes with k <= d_sae")
+    hook = (cfg.get("metadata") or {}).get("hook_name") or cfg.get("hook_name")
+    sd = read_safetensors(os.path.join(folder, "sae_weights.safetensors"),
+                          {"W_enc": (d, n), "W_dec": (n, d), "b_enc": (n,), "b_dec": (d,)}, source)
+    # without apply_b_dec_to_input: x @ W_enc + b_enc = (x - b_dec) @ W_enc + (b_enc + b_dec @ W_enc)
+    b_enc = sd["b_enc"] if cfg.get("apply_b_dec_to_input", True) else sd["b_enc"] + sd["b_dec"] @ sd["W_enc"]
+    return from_weights(sd["W_enc"].t(), b_enc, sd["W_dec"], sd["b_dec"], k, hook_layer(hook) if hook else None)
+
+
+def read_sparsify(folder, cfg):
+    source = f"the sparsify SAE in {folder}"
+    unsupported = {key: True for key in ("skip_connection", "transcode", "multi_topk") if cfg.get(key)}
+    if unsupported:
+        raise ValueError(f"{source}: {', '.join(unsupported)} are not supported (a plain TopK SAE is)")
+    d, n, k = cfg.get("d_in"), cfg.get("num_latents"), cfg.get("k")
+    if not all(type(v) is int and v > 0 for v in (d, n, k)) or k > n:
+        raise ValueError(f"{source}: cfg.json's d_in {d!r}, num_latents {n!r}, k {k!r} are not sizes with "
+                         f"k <= num_latents (num_latents 0, from expansion_factor, is not read)")
+    sd = read_safetensors(os.path.join(folder, "sae.safetensors"), {"encoder.weight": (n, d), "encoder.bias": (n,),
+                                                                    "W_dec": (n, d), "b_dec": (d,)}, source)
+    # sparsify names each SAE's folder after its hookpoint
+    hook = os.path.basename(os.path.normpath(folder))
+    try:
+        layer = hook_layer(hook)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e} (sparsify names the folder after the hookpoint, e.g. layers.14)") from None
+    return from_weights(sd["encoder.weight"], sd["encoder.bias"], sd["W_dec"], sd["b_dec"], k, layer)
+
+
+def from_weights(w_enc, b_enc, w_dec, b_dec, k, layer):
+    """A TopKSAE that reads x itself from encoder (C, d), its bias (C,), decoder rows (C, d) and b_dec (d,)."""
+    n, d = w_enc.shape
+    sae = TopKSAE(n, d, k, layer_norm_input=False, layer=layer)
+    with torch.no_grad():
+        sae.encoder.weight.copy_(w_enc)
+        sae.latent_bias.copy_(b_enc)
+        sae.decoder.weight.copy_(w_dec.t())
+        sae.pre_bias.copy_(b_dec)
+    return sae
 
 
 def download(url, check):
@@ -188,14 +315,14 @@ def download(url, check):
     return path
 
 
-def steering_hook(sae, scales):
-    """A forward hook for the block the SAE reads (paper §3.2 on GPT-2): the latents in `scales` =
-    {latent: factor} of c scaled and decoded back; the rest of the stream (other latents, the SAE's
-    error) kept."""
+def steering_edit(sae, scales):
+    """An edit h -> h' of the output of the block the SAE reads (paper §3.2 on GPT-2; Teacher.edit_block):
+    the latents in `scales` = {latent: factor} of c scaled and decoded back; the rest of the stream (other
+    latents, the SAE's error) kept."""
     index = torch.tensor(list(scales))
     factor = torch.tensor(list(scales.values()))
 
-    def hook(module, args, h):
+    def edit(h):
         idx, f = index.to(h.device), factor.to(h.device)
         # the TopK decides on fp32 pre-activations; c holds the steered entries of c = ReLU(TopK(c_pre))
         with torch.autocast(h.device.type, enabled=False):
@@ -204,7 +331,7 @@ def steering_hook(sae, scales):
             c = c_pre[..., idx].clamp(min=0) * active
             delta = (c * (f - 1)) @ sae.decoder.weight[:, idx].t()
         return h + (delta * std).to(h.dtype)
-    return hook
+    return edit
 
 
 # ----------------------------------------------------------------------------- training
@@ -218,7 +345,7 @@ def normalized_mse(x_hat, x):
 def sae_losses(sae, x, k_aux, dead_after):
     """Normalised MSE of the reconstruction, and AuxK: the k_aux largest pre-activations of the
     dead latents reconstructing the remaining error. Both in the SAE's normalised space."""
-    x_n, _, _ = layer_norm(x)
+    x_n, _, _ = sae.normalize(x)
     c_pre = F.linear(x_n - sae.pre_bias, sae.encoder.weight, sae.latent_bias)
     c = sae.topk(c_pre)
     x_hat_n = sae.decoder(c) + sae.pre_bias
@@ -263,7 +390,7 @@ def train_step(sae, optimizer, x, k_aux, aux_coef, dead_after):
 @torch.no_grad()
 def init_pre_bias(sae, x):
     """pre_bias at the mean of the normalised activations, so training starts centred on the data."""
-    sae.pre_bias.copy_(layer_norm(x)[0].mean(dim=0))
+    sae.pre_bias.copy_(sae.normalize(x)[0].mean(dim=0))
 
 
 def make_optimizer(sae, lr):
@@ -274,7 +401,7 @@ def make_optimizer(sae, lr):
 @torch.no_grad()
 def evaluate(sae, x):
     """Normalised MSE (the training loss) and the fraction of variance explained in the input's scale."""
-    x_n, _, _ = layer_norm(x)
+    x_n, _, _ = sae.normalize(x)
     c_pre, c, x_hat = sae(x)
     nmse = normalized_mse(sae.decoder(c) + sae.pre_bias, x_n).item()
     fve = 1 - normalized_mse(x_hat, x).item()

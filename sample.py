@@ -7,6 +7,7 @@ Samples text from a trained model, steers its concepts, and inspects them.
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5,19193=-3 --show_concepts
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5 --steer_mode=add   # lift a concept: z + 5
     python sample.py --init_from=gpt2 --sae_steer --steer 12783=5         # the same on the teacher's SAE latent
+    python sample.py --init_from=smollm2 --sae_steer --sae=out-sae-smollm2/sae.pt --sae_layer=14 --steer 301=8
     python sample.py --out_dir=out-cocomix-69m --concept_norms            # paper Fig. 6c
 """
 
@@ -15,9 +16,10 @@ import torch
 from configurator import configure
 from model import GPT, STEER_MODES, device_and_autocast, load_checkpoint, parse_steer
 from prepare import Tokenizer
-from sae import TopKSAE, steering_hook
+from sae import TopKSAE, steering_edit
+from teacher import Teacher, as_teacher, load_teacher, tokenizer_meta
 
-init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 size ('gpt2', ...) or a Hugging Face GPT-2 folder
+init_from = "resume"  # 'resume' (the checkpoint in out_dir), or a teacher: GPT-2, a Hugging Face causal LM, smollm2
 out_dir = "out"  # where train.py wrote ckpt.pt
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 3  # how many samples
@@ -28,7 +30,7 @@ steer = ""  # concepts to scale at every position, before the TopK: '12783=5' or
 steer_mode = "scale"  # 'scale' multiplies the concept logits (paper §3.2); 'add' adds, so a negative one can rise
 show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
 sae_steer = False  # steer the (plain GPT) model's SAE latent instead: scaled at sae_layer, decoded into the stream
-sae = "openai"  # for sae_steer: an SAE file, URL, or 'openai' (OpenAI's GPT-2 small SAE at sae_layer)
+sae = "openai"  # for sae_steer: an SAE file or URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's)
 sae_layer = 5  # for sae_steer: the block whose output the SAE reads
 concept_norms = False  # print the compressor-weight norm of each concept and the share below 1e-2, then exit
 seed = 1337  # random seed
@@ -55,12 +57,15 @@ try:
         model, tokenizer = GPT.from_checkpoint(ckpt), Tokenizer(ckpt["meta"])
         del ckpt
     else:
-        model, tokenizer = GPT.from_pretrained(init_from), Tokenizer({"tokenizer": "gpt2"})
+        model, tokenizer = load_teacher(init_from), Tokenizer(tokenizer_meta(init_from))
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
 model.eval().to(device)
-# the concept mixer of a CoCoMix model (the hidden-state ablation has no concepts to steer)
-mixer = model.concepts if model.config.n_concepts else None
+# the concept mixer of a CoCoMix model (the hidden-state ablation has no concepts to steer); a model without
+# one samples as a teacher, whose blocks the SAE steering edits
+mixer = model.concepts if isinstance(model, GPT) and model.config.n_concepts else None
+if mixer is None and isinstance(model, GPT) and not (model.config.hidden_size or model.config.pause):
+    model = as_teacher(model, out_dir)
 NO_CONCEPTS = "this model has no concepts (it was trained with objective 'ntp', 'kd', 'pause', 'pause_kd' or 'hidden')"
 
 if concept_norms:
@@ -76,22 +81,21 @@ if concept_norms:
 
 scales = None
 if sae_steer:
-    if mixer is not None:
-        raise SystemExit("error: --sae_steer steers a plain GPT (the teacher); this model has concepts of its own: "
-                         "use --steer")
+    if not isinstance(model, Teacher):
+        raise SystemExit("error: --sae_steer steers a plain model (a teacher); this model has concepts, hidden-state "
+                         "prediction or pause tokens of its own (--steer steers a CoCoMix model's concepts)")
     try:
         sae_model = TopKSAE.load(sae, sae_layer).to(device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    if sae_model.d_model != model.config.n_embd or not 0 <= sae_layer < model.config.n_layer:
+    if sae_model.d_model != model.n_embd or not 0 <= sae_layer < model.n_layer:
         raise SystemExit(f"error: the SAE (width {sae_model.d_model}) does not fit block {sae_layer} of this model "
-                         f"({model.config.n_layer} blocks of width {model.config.n_embd})")
+                         f"({model.n_layer} blocks of width {model.n_embd})")
     if steer:
         try:
-            hook = steering_hook(sae_model, parse_steer(steer, sae_model.n_concepts))
+            model.edit_block(sae_layer, steering_edit(sae_model, parse_steer(steer, sae_model.n_concepts)))
         except ValueError as e:
             raise SystemExit(f"error: --steer {e}")
-        model.transformer.h[sae_layer].register_forward_hook(hook)
 elif steer:
     if mixer is None:
         raise SystemExit(f"error: --steer: {NO_CONCEPTS}; for GPT-2 and an SAE use --sae_steer")
@@ -133,6 +137,9 @@ with torch.no_grad(), autocast:
                 concepts = "  ".join(f"{i} (z {v:.2f}, |w| {norms[i]:.3f})" for v, i in predicted)
                 print(f"\n{tokenizer.decode([token])!r:>12}  {concepts}", end="")
             print()
+        elif mixer is None:
+            y = model.generate(x, max_new_tokens, temperature, top_k or None)
+            print(tokenizer.decode(y[0].tolist()))
         else:
             y = model.generate(x, max_new_tokens, temperature, top_k or None, scales, steer_mode=steer_mode)
             print(tokenizer.decode(y[0].tolist()))

@@ -21,12 +21,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from attribution import LABEL_SETTINGS, LabelCache, load_labeler, load_teacher
+from attribution import LABEL_SETTINGS, LabelCache, load_labeler
 from configurator import configure
 from eval import evaluate, load_docs, parse_tasks, val_windows
 from files import atomic_write, metrics_log
 from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint, peak_flops
 from prepare import Tokenizer, load_meta
+from teacher import load_teacher
 
 # I/O
 out_dir = "out"  # checkpoint (ckpt.pt) and metrics (metrics.jsonl) go here
@@ -63,8 +64,8 @@ k_attr = 4  # concept labels per position (eq. 1)
 label_score = "attribution"  # labels from the 'attribution' score (eq. 1) or the SAE 'activation' (Fig. 6a)
 hidden_loss = "l2"  # objective='hidden': 'l1', 'l2' or 'cosine' against the teacher's layer-normed hidden state
 lam_kd = 0.1  # weight of the KL term (objectives 'kd' and 'pause_kd'; the paper: 0.1)
-teacher = "gpt2"  # concept (and KD) teacher: a train.py out_dir, a GPT-2 size or a Hugging Face GPT-2 folder
-sae = "openai"  # the SAE: a file, an https URL, or 'openai' (OpenAI's GPT-2 small SAE at sae_layer)
+teacher = "gpt2"  # concept (and KD) teacher: a train.py out_dir, GPT-2, a Hugging Face causal LM, smollm2 (teacher.py)
+sae = "openai"  # the SAE: a file, an https URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's at sae_layer)
 sae_layer = 5  # the teacher block whose output the SAE reads (L_con); objective='hidden' predicts that output
 label_source = "pre"  # attribution with 'pre' (the paper) or 'post' (the authors' release) activations
 label_sign = "literal"  # 'literal' (eq. 1 as written), 'abs' or 'neg'
@@ -193,14 +194,14 @@ try:
             label_caches = {s: LabelCache(label_cache, s, {**expect, "data_tokens": len(data[s])}) for s in data}
         elif objective == "cocomix":
             labeler = load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, label_score, device,
-                                   meta["vocab_size"], block_size, label_dtype=label_dtype)
+                                   meta, block_size, label_dtype=label_dtype)
             if labeler.sae.n_concepts != n_concepts:
                 raise ValueError(f"the SAE has {labeler.sae.n_concepts} latents, n_concepts is {n_concepts}")
         elif distill or objective == "hidden":
-            teacher_model = load_teacher(teacher, device, meta["vocab_size"], block_size)
-            if objective == "hidden" and not 0 <= sae_layer < teacher_model.config.n_layer:
+            teacher_model = load_teacher(teacher, device, meta, block_size)
+            if objective == "hidden" and not 0 <= sae_layer < teacher_model.n_layer:
                 raise ValueError(f"sae_layer {sae_layer} is out of range for a teacher of "
-                                 f"{teacher_model.config.n_layer} blocks")
+                                 f"{teacher_model.n_layer} blocks")
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: the teacher or the concept labels: {e}")
 
@@ -231,7 +232,7 @@ def get_batch(split, window_ids):
             if objective == "hidden":
                 return x, y, {"teacher_hidden": layer_norm(teacher_model.hidden(x, sae_layer))[0]}
             if distill:
-                return x, y, {"teacher_logits": teacher_model(x).logits}
+                return x, y, {"teacher_logits": teacher_model(x)}
     return x, y, {}
 
 
@@ -252,7 +253,7 @@ if objective == "cocomix":
     model_args.update({k: config[k] for k in CONCEPT_ARGS})
 elif objective == "hidden":
     model_args.update(concept_layer=concept_layer, mixing=mixing, lam_concept=lam_concept,
-                      hidden_size=teacher_model.config.n_embd, hidden_loss=hidden_loss)
+                      hidden_size=teacher_model.n_embd, hidden_loss=hidden_loss)
 elif objective in ("pause", "pause_kd"):
     model_args.update(concept_layer=concept_layer, pause=True)
 if distill:

@@ -14,11 +14,12 @@ import torch
 
 from configurator import configure
 from files import atomic_write, metrics_log, progress
-from model import GPT, device_and_autocast
+from model import device_and_autocast
 from prepare import load_meta
 from sae import TopKSAE, evaluate, init_pre_bias, make_optimizer, train_step
+from teacher import load_teacher
 
-teacher = "out-tiny"  # the model whose activations are encoded: a train.py out_dir, 'gpt2', or a GPT-2 folder
+teacher = "out-tiny"  # the model whose activations are encoded: a train.py out_dir, GPT-2, any HF causal LM, smollm2
 sae_layer = 1  # the SAE reads the residual stream after this block (0-based)
 data_dir = "data/tiny"  # token file the activations come from
 out_dir = "out-sae-tiny"  # sae.pt (OpenAI's format), ckpt.pt and metrics.jsonl go here
@@ -52,14 +53,11 @@ device, _, autocast = device_and_autocast(device, dtype)
 torch.manual_seed(seed)
 try:
     meta = load_meta(data_dir)
-    teacher_model = GPT.load(teacher).to(device).eval().requires_grad_(False)
+    teacher_model = load_teacher(teacher, device, meta, block_size)
 except (FileNotFoundError, ValueError) as e:
     raise SystemExit(f"error: {e}")
-if not 0 <= sae_layer < teacher_model.config.n_layer:
-    raise SystemExit(f"error: sae_layer {sae_layer} is out of range for a teacher of "
-                     f"{teacher_model.config.n_layer} blocks")
-if block_size > teacher_model.config.block_size:
-    raise SystemExit(f"error: block_size {block_size} exceeds the teacher's {teacher_model.config.block_size}")
+if not 0 <= sae_layer < teacher_model.n_layer:
+    raise SystemExit(f"error: sae_layer {sae_layer} is out of range for a teacher of {teacher_model.n_layer} blocks")
 data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r") for s in ("train", "val")}
 data_rng = torch.Generator().manual_seed(seed)
 
@@ -80,7 +78,7 @@ def activations(split, generator):
 
 os.makedirs(out_dir, exist_ok=True)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-sae = TopKSAE(n_concepts, teacher_model.config.n_embd, sae_k).to(device)
+sae = TopKSAE(n_concepts, teacher_model.n_embd, sae_k).to(device)
 optimizer = make_optimizer(sae, learning_rate)
 start = 0
 if init_from == "resume":

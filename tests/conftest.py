@@ -85,3 +85,43 @@ def cocomix_args(char_data, root, out, **kw):
     settings = dict(objective="cocomix", n_concepts=256, concept_topk=8, concept_layer=1, teacher=root / "teacher",
                     sae=root / "sae" / "sae.pt", sae_layer=0, batch_size=8)
     return train_args(char_data, out, **{**settings, **kw})
+
+
+def tiny_llama(vocab, n_embd=24, n_layer=3, seed=0):
+    """A Llama of transformers with random weights (grouped-query attention, RoPE, RMSNorm, SwiGLU, tied
+    embeddings: SmolLM2's architecture), a teacher from outside this project."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=n_embd, intermediate_size=2 * n_embd, num_hidden_layers=n_layer,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=True)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    """A Hugging Face folder as `save_pretrained` writes it: a tiny random Llama and its own byte-level BPE
+    tokenizer (300 tokens, <|endoftext|> its eos), trained here on pseudo-text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    folder = tmp_path_factory.mktemp("llama")
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator([pseudo_text(3000, seed) for seed in range(3)], trainer)
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>")
+    tok.save_pretrained(folder)
+    tiny_llama(len(tok), n_embd=32).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def llama_data(llama_folder, tmp_path_factory):
+    """The pseudo-text corpus tokenized with the Llama folder's tokenizer by prepare.py."""
+    root = tmp_path_factory.mktemp("llama-corpus")
+    for i in range(3):
+        (root / f"doc{i}.txt").write_text(pseudo_text(4000, 10 + i))
+    run("prepare.py", "text", "--input", root / "*.txt", "--data_dir", root / "data", "--tokenizer", llama_folder)
+    return root / "data"

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from attribution import ConceptLabeler, LabelCache
-from conftest import run
+from conftest import run, tiny_llama
 from model import GPT, GPTConfig
 from sae import TopKSAE
+from teacher import as_teacher
 
 
 def tiny_teacher(vocab=50, seed=0):
@@ -26,9 +27,19 @@ def tiny_sae(seed=0, n_concepts=64, k=5):
     return sae
 
 
+def logits_with(teacher, layer, x, stream):
+    """The teacher's logits with the output of block `layer` replaced by `stream`."""
+    handle = teacher.edit_block(layer, lambda h: stream)
+    try:
+        return teacher(x)
+    finally:
+        handle.remove()
+
+
 def scores_by_patching(teacher, sae, layer, x, y, source):
     """Eq. 1 by plain autograd: the latent as a dense leaf tensor, decoded and patched into the residual
     stream (plus the SAE's error as a constant, so the stream keeps its value), then d(summed loss)/d(latent)."""
+    teacher = as_teacher(teacher)
     with torch.no_grad():
         h = teacher.hidden(x, layer)
         c_pre, c, _ = sae(h)
@@ -37,15 +48,17 @@ def scores_by_patching(teacher, sae, layer, x, y, source):
     latent = value.clone().requires_grad_()
     x_hat = sae.decode(latent, mu, std)
     patched = x_hat + (h - x_hat).detach()
-    logits = teacher.lm_head(teacher.final_hidden(patched, layer))
+    logits = logits_with(teacher, layer, x, patched)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
     grad, = torch.autograd.grad(loss, latent)
     return value * grad
 
 
 @pytest.mark.parametrize("source", ["pre", "post"])
-def test_scores_equal_an_independent_autograd_computation(source):
-    teacher, sae = tiny_teacher(), tiny_sae()
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_scores_equal_an_independent_autograd_computation(source, kind):
+    """This project's GPT, and a Llama of transformers (SmolLM2's architecture) as the teacher."""
+    teacher, sae = tiny_teacher() if kind == "gpt" else tiny_llama(50), tiny_sae()
     x, y = torch.randint(0, 50, (2, 16)), torch.randint(0, 50, (2, 16))
     # chunks of 7 positions cut the rows unevenly
     labeler = ConceptLabeler(teacher, sae, sae_layer=1, k_attr=4, label_source=source, chunk_size=7)
@@ -57,18 +70,18 @@ def test_scores_equal_an_independent_autograd_computation(source):
     assert labels.shape == (2, 16, 4) and labels.dtype == torch.long
     assert torch.equal(labels.sort(-1).values, expected.topk(4, dim=-1).indices.sort(-1).values)
     if source == "post":  # inactive latents have no score at all
-        _, c, _ = sae(teacher.hidden(x, 1))
+        _, c, _ = sae(labeler.teacher.hidden(x, 1))
         assert (scores[c == 0] == 0).all() and (scores[c > 0] != 0).all()
 
 
 def test_sign_convention_on_a_hand_made_case():
     """Two latents that are both active: latent 0 points along -dLoss/dh (it helps predict the target),
     latent 1 along +dLoss/dh (it hurts). Literal eq. 1 ranks the hurting one first."""
-    teacher = tiny_teacher()
-    layer = teacher.config.n_layer - 1
+    teacher = as_teacher(tiny_teacher())
+    layer = teacher.n_layer - 1
     x, y = torch.randint(0, 50, (1, 1)), torch.randint(0, 50, (1, 1))
     h = teacher.hidden(x, layer).detach().requires_grad_()
-    loss = F.cross_entropy(teacher.lm_head(teacher.final_hidden(h, layer)).flatten(0, 1), y.flatten())
+    loss = F.cross_entropy(logits_with(teacher, layer, x, h).flatten(0, 1), y.flatten())
     g, = torch.autograd.grad(loss, h)
     g = F.normalize(g.flatten(), dim=0)
     sae = TopKSAE(2, 24, k=2)
@@ -85,7 +98,7 @@ def test_sign_convention_on_a_hand_made_case():
             _, c, _ = sae(h)
             _, _, std = sae.encode_pre(h)
             patched = h - c[..., i:i + 1] * sae.decoder.weight[:, i] * std
-            logits = teacher.lm_head(teacher.final_hidden(patched, layer))
+            logits = logits_with(teacher, layer, x, patched)
             return F.cross_entropy(logits.flatten(0, 1), y.flatten()).item()
 
     assert loss_without(1) < loss.item() < loss_without(0)  # removing the top literal label lowers the loss
@@ -105,9 +118,17 @@ def test_labeler_refuses_mismatched_parts():
         ConceptLabeler(teacher, tiny_sae(), sae_layer=1, label_source="both")
 
 
-def test_teacher_weights_get_no_gradient():
-    teacher, sae = tiny_teacher(), tiny_sae()
-    ConceptLabeler(teacher, sae, sae_layer=1)(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))
+@pytest.mark.parametrize("kind", ["gpt", "llama"])
+def test_the_backward_stops_at_sae_layer_with_no_weight_gradients(kind):
+    teacher, sae = tiny_teacher() if kind == "gpt" else tiny_llama(50), tiny_sae()
+    labeler = ConceptLabeler(teacher, sae, sae_layer=1)
+    # whether each block's input is part of a graph: only above block sae_layer, whose output is the leaf h
+    graph = {}
+    for i, block in enumerate(labeler.teacher.blocks):
+        block.register_forward_pre_hook(lambda m, args, kwargs, i=i: graph.__setitem__(
+            i, (args[0] if args else kwargs["hidden_states"]).requires_grad), with_kwargs=True)
+    labeler(torch.randint(0, 50, (1, 8)), torch.randint(0, 50, (1, 8)))
+    assert graph == {0: False, 1: False, 2: True}
     assert all(p.grad is None for p in teacher.parameters()) and all(p.grad is None for p in sae.parameters())
 
 
@@ -115,7 +136,9 @@ def test_teacher_weights_get_no_gradient():
 def parts(char_data, tmp_path):
     vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
     teacher = tiny_teacher(vocab)
-    torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config)}, tmp_path / "teacher.pt")
+    meta = json.loads((char_data / "meta.json").read_text())
+    torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config), "meta": meta},
+               tmp_path / "teacher.pt")
     tiny_sae().save(str(tmp_path / "sae.pt"))
     args = [f"--data_dir={char_data}", f"--teacher={tmp_path / 'teacher.pt'}", f"--sae={tmp_path / 'sae.pt'}",
             "--sae_layer=1",

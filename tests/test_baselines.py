@@ -138,12 +138,12 @@ def read(out):
 
 
 def test_kd_against_the_students_own_initial_weights_is_zero_at_step_zero(char_data, tmp_path):
-    vocab = json.loads((char_data / "meta.json").read_text())["vocab_size"]
-    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=vocab)
+    meta = json.loads((char_data / "meta.json").read_text())
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=meta["vocab_size"])
     # train.py seeds its student with `seed` right before building it: the same weights
     torch.manual_seed(7)
     model = GPT(GPTConfig(**shape))
-    torch.save({"model": model.state_dict(), "model_args": shape}, tmp_path / "teacher.pt")
+    torch.save({"model": model.state_dict(), "model_args": shape, "meta": meta}, tmp_path / "teacher.pt")
     run("train.py", *train_args(char_data, tmp_path / "kd", objective="kd", teacher=tmp_path / "teacher.pt", seed=7,
                                 max_iters=2))
     lines = read(tmp_path / "kd")

@@ -7,6 +7,7 @@ import concepts
 from model import GPT, GPTConfig
 from prepare import Tokenizer
 from sae import TopKSAE
+from teacher import as_teacher
 
 
 def tiny_teacher_and_sae():
@@ -29,8 +30,8 @@ def test_top_activations_equal_sorting_each_column():
 def test_inspect_against_all_activations_at_once():
     teacher, sae = tiny_teacher_and_sae()
     tokens = np.random.default_rng(0).integers(0, 40, 16 * 10 + 3).astype(np.uint16)
-    found = concepts.inspect(teacher, sae, 0, tokens, 16, n_latents=5, top=3, limit=10, batch=3)
-    c = concepts.latent_activations(teacher, sae, 0, concepts.windows(tokens, 16, 10)).flatten(0, 1).numpy()
+    found = concepts.inspect(as_teacher(teacher), sae, 0, tokens, 16, n_latents=5, top=3, limit=10, batch=3)
+    c = concepts.latent_activations(as_teacher(teacher), sae, 0, concepts.windows(tokens, 16, 10)).flatten(0, 1).numpy()
     frequency = (c > 0).mean(0)
     assert [f["latent"] for f in found] == list(np.argsort(-frequency, kind="stable")[:5])
     for f in found:
@@ -64,7 +65,7 @@ def test_predicted_counts_the_top1_concepts():
 def test_read_back_against_a_loop():
     teacher, sae = tiny_teacher_and_sae()
     x = torch.randint(0, 40, (3, 16), generator=torch.Generator().manual_seed(2))
-    activation, share, ppl = concepts.read_back(teacher, sae, 0, x, latent=5, top_tokens={3, 7, 11})
+    activation, share, ppl = concepts.read_back(as_teacher(teacher), sae, 0, x, latent=5, top_tokens={3, 7, 11})
     for b in range(3):
         row = x[b].tolist()
         assert share[b] == sum(t in (3, 7, 11) for t in row) / 16

@@ -28,6 +28,7 @@ from files import write_text
 from model import GPT, GPTConfig
 from prepare import Tokenizer, load_meta
 from sae import TopKSAE
+from teacher import load_teacher
 from topics import NO_TOPIC
 
 
@@ -372,7 +373,7 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     listed = [(int(i), int(p)) for i, p in re.findall(r"latent (\d+) .* on the words (\d+)%", found.stdout)]
     val = np.memmap(data / "val.bin", dtype=load_meta(data)["dtype"], mode="r")
     x = concepts.windows(val, 64, 4)
-    c = concepts.latent_activations(GPT.load(str(out / "teacher")), TopKSAE.load(str(out / "sae" / "sae.pt")), 0,
+    c = concepts.latent_activations(load_teacher(str(out / "teacher")), TopKSAE.load(str(out / "sae" / "sae.pt")), 0,
                                     x).flatten(0, 1).numpy()
     e = np.isin(x.flatten().numpy(), [i for i, ch in enumerate(load_meta(data)["chars"]) if ch in "eE"])
     shares = {}
@@ -385,3 +386,33 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     assert bad.returncode != 0 and "steer_concepts" in bad.stderr
     missing = run("pipeline.py", *args[:1], f"--data_dir={tmp_path / 'nothing'}", cwd=tmp_path, check=False)
     assert missing.returncode != 0 and "prepare.py" in missing.stderr
+
+
+def test_pipeline_with_a_pretrained_teacher(tmp_path, llama_folder, llama_data):
+    """--teacher: the teacher stage only checks a pretrained teacher (a transformers Llama) against the corpus and
+    scores it, the SAE, labels, students (KD too) and report read it by its name, and a rerun skips every stage."""
+    from transformers import AutoModelForCausalLM
+    data = tmp_path / "data"
+    shutil.copytree(llama_data, data)
+    args = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", f"--teacher={llama_folder}", *SMALL[1:],
+            "--sae_layer=1", "--seeds=1", "--variants=kd", "--steer_samples=2", "--steer_tokens=8",
+            "--inspect_concepts=2", "--steer_scales=5", "--steer_adds=10"]
+    run("pipeline.py", *args, cwd=tmp_path)
+    record = json.loads((tmp_path / "out" / "teacher" / "teacher.json").read_text())
+    assert not (tmp_path / "out" / "teacher" / "ckpt.pt").exists() and record["n_embd"] == 32
+    # its validation loss, by transformers' own loss over the windows teacher.py reads
+    lm = AutoModelForCausalLM.from_pretrained(llama_folder, dtype=torch.float32)
+    val = np.fromfile(data / "val.bin", dtype=np.uint16).astype(np.int64)
+    starts = np.linspace(0, len(val) - 65, min(64, len(val) - 64)).astype(np.int64)
+    with torch.no_grad():
+        losses = [lm(torch.from_numpy(val[s:s + 65])[None], labels=torch.from_numpy(val[s:s + 65])[None]).loss
+                  for s in starts]
+    assert abs(record["val_loss"] - float(torch.stack(losses).mean())) < 1e-4
+    r = json.loads((tmp_path / "out" / RUNS / "report-kd" / "report.json").read_text())
+    assert r["teacher_val_loss"] == record["val_loss"] and r["rows"] == ["ntp", "cocomix", "kd"]
+    assert r["teacher_forward_flops_per_token"] == record["forward_flops_per_token"]
+    assert f"{llama_folder}, pretrained" in (tmp_path / "out" / RUNS / "report-kd" / "report.md").read_text()
+    header = json.loads((tmp_path / "out" / "labels" / "val.json").read_text())
+    assert header["teacher"] == str(llama_folder)
+    again = run("pipeline.py", *args, cwd=tmp_path)
+    assert again.stdout.count(": done") == 8

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import ROOT, run
-from sae import KEYS, TopKSAE, init_pre_bias, make_optimizer, steering_hook, train_step
+from sae import KEYS, TopKSAE, init_pre_bias, make_optimizer, steering_edit, train_step
 from test_attribution import tiny_teacher
 
 
@@ -59,6 +59,97 @@ def test_openai_file_loads_and_matches_numpy(tmp_path):
     for ours, theirs in zip((c_pre, c, x_hat), ref):
         np.testing.assert_allclose(ours.detach().numpy(), theirs, atol=1e-4, rtol=1e-4)
     assert ((c > 0).sum(-1) <= 5).all() and ((c > 0).sum(-1) < 5).any()  # ReLU after TopK: some rows keep fewer
+
+
+def public_weights(n=64, d=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"W_enc": torch.randn(d, n, generator=g) / d ** 0.5, "W_dec": torch.randn(n, d, generator=g) / d ** 0.5,
+            "b_enc": torch.randn(n, generator=g) * 0.1 - 1.5, "b_dec": torch.randn(d, generator=g) * 0.1}
+
+
+def saelens_folder(path, cfg, n=64, d=24, seed=0):
+    """A SAELens folder (cfg.json, sae_weights.safetensors) written without this project's code."""
+    from safetensors.torch import save_file
+    w = public_weights(n, d, seed)
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"d_in": d, "d_sae": n, "dtype": "float32", **cfg}))
+    save_file(w, str(path / "sae_weights.safetensors"))
+    return {k: v.numpy() for k, v in w.items()}
+
+
+def sparsify_folder(path, n=64, d=24, k=5, seed=0):
+    """A sparsify hookpoint folder (cfg.json, sae.safetensors) written without this project's code."""
+    from safetensors.torch import save_file
+    w = public_weights(n, d, seed)
+    path.mkdir(parents=True)
+    (path / "cfg.json").write_text(json.dumps({"expansion_factor": 32, "normalize_decoder": True, "num_latents": n,
+                                               "k": k, "multi_topk": False, "skip_connection": False, "d_in": d}))
+    save_file({"encoder.weight": w["W_enc"].t().contiguous(), "encoder.bias": w["b_enc"], "W_dec": w["W_dec"],
+               "b_dec": w["b_dec"]}, str(path / "sae.safetensors"))
+    return {k: v.numpy() for k, v in w.items()}
+
+
+def numpy_topk(pre, k, relu_first):
+    """SAELens: TopK of the pre-activations, ReLU on the kept values; sparsify: ReLU, then TopK."""
+    pre = np.maximum(pre, 0) if relu_first else pre
+    keep = np.argsort(-pre, axis=-1, kind="stable")[:, :k]
+    c = np.zeros_like(pre)
+    np.put_along_axis(c, keep, np.maximum(np.take_along_axis(pre, keep, -1), 0), -1)
+    return c
+
+
+V6 = {"architecture": "topk", "k": 5, "apply_b_dec_to_input": True, "normalize_activations": "none",
+      "metadata": {"hook_name": "blocks.2.hook_resid_post", "model_name": "gpt2"}}
+V5 = {"architecture": "standard", "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 5},
+      "hook_name": "blocks.3.hook_resid_pre", "hook_layer": 3, "apply_b_dec_to_input": False,
+      "normalize_activations": "none"}
+
+
+@pytest.mark.parametrize("kind", ["saelens_v6", "saelens_v5", "sparsify"])
+def test_public_sae_folders_load_and_match_numpy(tmp_path, kind):
+    """SAELens (v6 and older cfg.json, with and without b_dec subtracted from the input) and sparsify folders give
+    the latents and reconstruction of a numpy transcription of each library's forward, and the block they read."""
+    x = torch.randn(50, 24)
+    if kind == "sparsify":
+        w, folder = sparsify_folder(tmp_path / "layers.2"), tmp_path / "layers.2"
+    else:
+        w, folder = saelens_folder(tmp_path / kind, V6 if kind == "saelens_v6" else V5), tmp_path / kind
+    sae = TopKSAE.load(str(folder), 2)
+    assert (sae.n_concepts, sae.d_model, sae.k, sae.layer) == (64, 24, 5, 2)
+    x_in = x.numpy() if kind == "saelens_v5" else x.numpy() - w["b_dec"]
+    c_ref = numpy_topk(x_in @ w["W_enc"] + w["b_enc"], 5, relu_first=kind == "sparsify")
+    _, c, x_hat = sae(x)
+    np.testing.assert_allclose(c.detach().numpy(), c_ref, atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(x_hat.detach().numpy(), c_ref @ w["W_dec"] + w["b_dec"], atol=1e-4, rtol=1e-4)
+    assert ((c > 0).sum(-1) < 5).any()
+    with pytest.raises(ValueError, match="reads the output of block 2, not sae_layer 1"):
+        TopKSAE.load(str(folder), 1)
+
+
+def test_public_sae_folders_refuse_what_they_do_not_hold(tmp_path):
+    cases = [({**V6, "architecture": "jumprelu"}, "is a 'jumprelu' SAE"),
+             ({**V6, "architecture": "standard"}, "is a 'standard' SAE"),
+             ({**V6, "normalize_activations": "layer_norm"}, "normalize_activations"),
+             ({**V6, "metadata": {"hook_name": "blocks.2.attn.hook_z"}}, "not a block's output"),
+             ({**V6, "k": 65}, "are not sizes with k <= d_sae")]
+    for i, (cfg, message) in enumerate(cases):
+        saelens_folder(tmp_path / str(i), cfg)
+        with pytest.raises(ValueError, match=message):
+            TopKSAE.load(str(tmp_path / str(i)))
+    from safetensors.torch import save_file
+    saelens_folder(tmp_path / "extra", V6)
+    save_file({**public_weights(), "threshold": torch.zeros(64)}, str(tmp_path / "extra" / "sae_weights.safetensors"))
+    with pytest.raises(ValueError, match="holds W_dec, W_enc, b_dec, b_enc, threshold"):
+        TopKSAE.load(str(tmp_path / "extra"))
+    saelens_folder(tmp_path / "shape", {**V6, "d_in": 23})
+    with pytest.raises(ValueError, match=r"W_enc is torch.float32 of shape \(24, 64\), not floating-point of \(23"):
+        TopKSAE.load(str(tmp_path / "shape"))
+    sparsify_folder(tmp_path / "my-sae")
+    with pytest.raises(ValueError, match="names the folder after the hookpoint"):
+        TopKSAE.load(str(tmp_path / "my-sae"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not an SAE folder"):
+        TopKSAE.load(str(tmp_path / "empty"))
 
 
 def test_save_writes_exactly_the_format(tmp_path):
@@ -174,9 +265,9 @@ def test_training_command_checkpoints_and_resumes_exactly(tmp_path):
     root = tmp_path
     (root / "doc.txt").write_text("".join(chr(97 + (i * 7) % 26) + " " * (i % 3 == 0) for i in range(20000)))
     run("prepare.py", "text", "--input", root / "doc.txt", "--data_dir", root / "data" / "c", "--tokenizer", "char")
-    vocab = json.loads((root / "data" / "c" / "meta.json").read_text())["vocab_size"]
-    teacher = tiny_teacher(vocab)
-    torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config)}, root / "teacher.pt")
+    meta = json.loads((root / "data" / "c" / "meta.json").read_text())
+    teacher = tiny_teacher(meta["vocab_size"])
+    torch.save({"model": teacher.state_dict(), "model_args": asdict(teacher.config), "meta": meta}, root / "teacher.pt")
     args = [f"--teacher={root / 'teacher.pt'}", f"--data_dir={root / 'data' / 'c'}", "--sae_layer=1", "--n_concepts=64",
             "--sae_k=4",
             "--k_aux=8", "--dead_tokens=256", "--block_size=16", "--batch_size=8", "--eval_interval=3", "--device=cpu"]
@@ -261,6 +352,6 @@ def test_steering_hook_scales_latents_of_c_and_keeps_the_rest():
         steered_c[..., i] *= f
     _, mu, std = sae.encode_pre(h)
     expected = h - x_hat + sae.decode(steered_c, mu, std)  # the SAE's error is kept
-    out = steering_hook(sae, scales)(None, None, h)
+    out = steering_edit(sae, scales)(h)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, h)

@@ -1,5 +1,3 @@
-import re
-
 import pytest
 import torch
 
@@ -34,7 +32,7 @@ def test_samples_from_a_gpt2_folder_with_the_gpt2_tokenizer(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--init_from=/no/such/model"], "neither a folder nor one of gpt2"),
+    (["--init_from=/no/such/model"], "no teacher at /no/such/model"),
     (["--out_dir=/no/such/out"], "no checkpoint at /no/such/out/ckpt.pt"),
     (["--start=FILE:/no/such/prompt.txt"], "cannot read the prompt file /no/such/prompt.txt"),
     (["--start=Ω"], "the prompt has characters outside this corpus' vocabulary: 'Ω'"),
@@ -158,7 +156,7 @@ def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     (["--steer", "3:2"], "--steer takes CONCEPT=AMOUNT pairs"),
     (["--steer", "x=2"], "--steer takes CONCEPT=AMOUNT pairs"),
     (["--steer", "3=nan"], "--steer '3=nan': the amount must be a finite number"),
-    (["--sae_steer", "--steer", "3=2"], "--sae_steer steers a plain GPT"),
+    (["--sae_steer", "--steer", "3=2"], "--sae_steer steers a plain model"),
     (["--steer", "3=2", "--steer_mode=shift"], "steer_mode must be one of scale, add"),
 ])
 def test_bad_steering(cocomix_ckpt, args, message):
