@@ -15,6 +15,7 @@ last block, whose entry there is after the final norm).
 
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import re
@@ -141,11 +142,12 @@ class HFTeacher(Teacher):
         """Samples as GPT.generate does, with the model's own KV cache."""
         if idx.size(1) + max_new_tokens > self.block_size:
             raise ValueError(f"{idx.size(1)} + {max_new_tokens} tokens exceed the teacher's {self.block_size}")
+        # transformers 5 names the cache argument `cache`, 4.x `past_key_values`; both return it after the logits
+        name = "cache" if "cache" in inspect.signature(self.lm.forward).parameters else "past_key_values"
         past, step = None, idx
         for _ in range(max_new_tokens):
-            out = self.lm(input_ids=step, past_key_values=past, use_cache=True)
-            past = out.past_key_values
-            step = sample_next(out.logits[:, -1, :], temperature, top_k)
+            logits, past = self.lm(input_ids=step, use_cache=True, **{name: past}).to_tuple()[:2]
+            step = sample_next(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, step), dim=1)
         return idx
 

@@ -109,3 +109,15 @@ def test_every_command_with_a_transformers_teacher(llama_folder, llama_data, cha
                "--block_size=32", f"--label_cache={tmp_path / 'refused'}", check=False)
     assert proc.returncode == 1 and "the corpus was tokenized with 'char'" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "refused").exists()
+
+
+def test_a_transformers_teacher_generates_with_its_cache_as_by_recomputation():
+    t = as_teacher(tiny_llama(50))
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        expected = x
+        for _ in range(12):
+            expected = torch.cat((expected, t(expected)[:, -1:].argmax(-1)), dim=1)
+        assert torch.equal(t.generate(x, 12, temperature=0), expected)
+    with pytest.raises(ValueError, match="exceed the teacher's 64"):
+        t.generate(x, 60, temperature=0)
