@@ -89,3 +89,10 @@ def test_the_69m_baselines_match_cocomix_69m(name, objective):
         model = GPT(GPTConfig(n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"], vocab_size=50257,
                               concept_layer=cfg["concept_layer"], pause=objective != "kd"))
     assert model.get_num_params() == pytest.approx(cocomix.get_num_params(), rel=0.03)
+
+
+def test_ci_runs_the_readmes_test_command_as_written():
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        command = f.read().strip().splitlines()[-1]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert f"```sh\n{command}\n```" in f.read()

@@ -98,6 +98,9 @@ def test_every_command_with_a_transformers_teacher(llama_folder, llama_data, cha
     run("train.py", *train_args(llama_data, tmp_path / "kd", objective="kd", teacher=llama_folder, max_iters=4))
     kd = [json.loads(line) for line in open(tmp_path / "kd" / "metrics.jsonl")]
     assert kd[0]["val_kd_loss"] > 0
+    run("train.py", *train_args(llama_data, tmp_path / "hidden", objective="hidden", teacher=llama_folder, sae_layer=1,
+                                concept_layer=1, max_iters=2))
+    assert torch.load(tmp_path / "hidden" / "ckpt.pt", weights_only=True)["model_args"]["hidden_size"] == 32
     text = run("sample.py", f"--out_dir={tmp_path / 'cocomix'}", "--max_new_tokens=8", "--num_samples=1",
                "--start=the river").stdout
     assert text.startswith("the river")
