@@ -197,9 +197,10 @@ def locate(name):
 
 def hf_load(loader, where, gguf, **kwargs):
     """`loader`.from_pretrained of a folder or hub id (a .gguf file in it if `gguf`), errors in one line."""
+    if gguf:
+        kwargs["gguf_file"] = gguf
     try:
-        return loader.from_pretrained(where, gguf_file=gguf, **kwargs) if gguf else loader.from_pretrained(
-            where, **kwargs)
+        return loader.from_pretrained(where, **kwargs)
     except (OSError, ValueError, ImportError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"transformers cannot load {os.path.join(where, gguf) if gguf else where}: {first}") from None
