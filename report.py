@@ -382,10 +382,10 @@ def markdown(r):
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
         f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
         "",
-        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} ({s['n_concepts']} latents, "
-        f"k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained {pct(sae['val_fve'])}), "
-        f"dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed before block "
-        f"{s['concept_layer']}.",
+        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} "
+        f"({s['n_concepts']} latents, k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained "
+        f"{pct(sae['val_fve'])}), dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed "
+        f"before block {s['concept_layer']}.",
         "",
         "![validation NTP loss against training tokens, and every row's final loss](report.png)",
         "",

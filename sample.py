@@ -64,8 +64,12 @@ model.eval().to(device)
 # the concept mixer of a CoCoMix model (the hidden-state ablation has no concepts to steer); a model without
 # one samples as a teacher, whose blocks the SAE steering edits
 mixer = model.concepts if isinstance(model, GPT) and model.config.n_concepts else None
-if mixer is None and isinstance(model, GPT) and not (model.config.hidden_size or model.config.pause):
-    model = as_teacher(model, out_dir)
+if isinstance(model, GPT):
+    try:
+        model = as_teacher(model, out_dir)
+    except ValueError:
+        # concepts, hidden-state prediction or pause tokens of its own: it samples as the GPT it is
+        pass
 NO_CONCEPTS = "this model has no concepts (it was trained with objective 'ntp', 'kd', 'pause', 'pause_kd' or 'hidden')"
 
 if concept_norms:
@@ -137,10 +141,8 @@ with torch.no_grad(), autocast:
                 concepts = "  ".join(f"{i} (z {v:.2f}, |w| {norms[i]:.3f})" for v, i in predicted)
                 print(f"\n{tokenizer.decode([token])!r:>12}  {concepts}", end="")
             print()
-        elif mixer is None:
-            y = model.generate(x, max_new_tokens, temperature, top_k or None)
-            print(tokenizer.decode(y[0].tolist()))
         else:
-            y = model.generate(x, max_new_tokens, temperature, top_k or None, scales, steer_mode=steer_mode)
+            steering = {} if mixer is None else {"steer": scales, "steer_mode": steer_mode}
+            y = model.generate(x, max_new_tokens, temperature, top_k or None, **steering)
             print(tokenizer.decode(y[0].tolist()))
         print("---------------")
