@@ -11,7 +11,6 @@ Cache the labels of a whole token file so training need not run the teacher:
         --block_size=128 --split=both
 """
 
-import hashlib
 import json
 import os
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from files import write_text
+from files import fingerprint, load_meta, write_text
 from sae import TopKSAE
 from teacher import as_teacher, load_teacher
 
@@ -154,16 +153,6 @@ def load_labeler(teacher, sae, sae_layer, k_attr, label_source, label_sign, labe
                           label_score, label_dtype)
 
 
-def fingerprint(module):
-    """A short hash of a module's weights: a cache records which teacher and SAE made it."""
-    digest = hashlib.sha256()
-    for key, value in sorted(module.state_dict().items()):
-        if torch.is_tensor(value):
-            digest.update(key.encode())
-            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
 # ----------------------------------------------------------------------------- the label cache
 # <label_cache>/<split>.bin holds labels as (windows, block_size, k_attr) uint16 (uint32 past 65,536
 # concepts): window i labels tokens [i * block_size, (i + 1) * block_size) of <split>.bin, whose
@@ -237,7 +226,6 @@ if __name__ == "__main__":
     from configurator import configure
     from files import progress
     from model import device_and_autocast
-    from prepare import load_meta
 
     config = configure(globals(), ranges=RANGES)
     device = device_and_autocast(device)[0]

@@ -149,3 +149,21 @@ def configure(g, argv=None, ranges=None):
     for key, spec in (ranges or {}).items():
         check_range(key, settings, spec)
     return settings
+
+
+def parse_steer(text, n_concepts):
+    """'12783=5,19193=-3' -> {12783: 5.0, 19193: -3.0}: every index in [0, n_concepts), every amount finite."""
+    scales = {}
+    for item in filter(None, text.split(",")):
+        index, eq, scale = item.partition("=")
+        try:
+            index, scale = int(index), float(scale)
+        except ValueError:
+            raise ValueError(f"takes CONCEPT=AMOUNT pairs separated by commas, e.g. 12783=5,19193=-3; "
+                             f"got {item!r}") from None
+        if not eq or not 0 <= index < n_concepts:
+            raise ValueError(f"{item!r}: the concept index must be in [0, {n_concepts})")
+        if not math.isfinite(scale):
+            raise ValueError(f"{item!r}: the amount must be a finite number")
+        scales[index] = scale
+    return scales

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from configurator import configure
-from files import progress, write_text
-from model import GPT, device_and_autocast, load_checkpoint
-from prepare import Tokenizer, load_meta
+from files import load_checkpoint, load_meta, progress, write_text
+from model import GPT, device_and_autocast
+from prepare import Tokenizer
 
 init_from = "resume"  # 'resume' (the checkpoint in out_dir), a GPT-2 size ('gpt2', ...) or a Hugging Face GPT-2 folder
 out_dir = "out"  # the model's train.py folder; the results are added to out_dir/eval.json

@@ -8,7 +8,6 @@ names this file keeps so that GPT-2 weights map onto it one to one.
 import json
 import math
 import os
-import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -69,24 +68,6 @@ class Output(NamedTuple):
     concept_loss: Optional[torch.Tensor] = None
     concept_logits: Optional[torch.Tensor] = None
     kd_loss: Optional[torch.Tensor] = None
-
-
-def parse_steer(text, n_concepts):
-    """'12783=5,19193=-3' -> {12783: 5.0, 19193: -3.0}: every index in [0, n_concepts), every amount finite."""
-    scales = {}
-    for item in filter(None, text.split(",")):
-        index, eq, scale = item.partition("=")
-        try:
-            index, scale = int(index), float(scale)
-        except ValueError:
-            raise ValueError(f"takes CONCEPT=AMOUNT pairs separated by commas, e.g. 12783=5,19193=-3; "
-                             f"got {item!r}") from None
-        if not eq or not 0 <= index < n_concepts:
-            raise ValueError(f"{item!r}: the concept index must be in [0, {n_concepts})")
-        if not math.isfinite(scale):
-            raise ValueError(f"{item!r}: the amount must be a finite number")
-        scales[index] = scale
-    return scales
 
 
 def layer_norm(x, eps=1e-5):
@@ -482,7 +463,8 @@ class GPT(nn.Module):
         if os.path.isdir(name_or_dir):
             folder = name_or_dir
         elif name_or_dir in GPT2_SIZES:
-            folder = download_gpt2(name_or_dir)
+            folder = files.download(f"openai-community/{name_or_dir}", ["config.json", "model.safetensors"],
+                                    check=cls.from_pretrained)
         else:
             raise ValueError(f"{name_or_dir!r} is neither a folder nor one of {', '.join(GPT2_SIZES)}")
         if not os.path.exists(os.path.join(folder, "config.json")):
@@ -547,7 +529,7 @@ class GPT(nn.Module):
     def load(cls, name):
         """A model by name: a train.py out_dir (or .pt file), a Hugging Face GPT-2 folder, or a GPT-2 size."""
         if name.endswith(".pt") or os.path.exists(os.path.join(name, "ckpt.pt")):
-            return cls.from_checkpoint(load_checkpoint(name))
+            return cls.from_checkpoint(files.load_checkpoint(name))
         return cls.from_pretrained(name)
 
     def configure_optimizers(self, weight_decay, learning_rate, betas):
@@ -611,53 +593,6 @@ def sample_next(logits, temperature=1.0, top_k=None):
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits[logits < v[:, [-1]]] = -float("inf")
     return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-
-
-def download_gpt2(size):
-    """GPT-2 of `size` from the Hugging Face hub, once, into CACHE_DIR/<size>: downloaded into a temporary
-    folder, read there as a GPT (its keys and shapes checked), and only then renamed into the cache."""
-    folder = os.path.join(files.CACHE_DIR, size)
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        return folder
-    from huggingface_hub import snapshot_download
-    tmp = f"{folder}.{os.getpid()}.tmp"
-    try:
-        try:
-            snapshot_download(f"openai-community/{size}", allow_patterns=["config.json", "model.safetensors"],
-                              local_dir=tmp)
-        except Exception as e:
-            raise ValueError(f"cannot download {size} from the Hugging Face hub: {type(e).__name__}: {e}") from None
-        try:
-            GPT.from_pretrained(tmp)
-        except ValueError as e:
-            raise ValueError(f"the {size} download is refused, and not cached: {e}") from None
-        os.makedirs(files.CACHE_DIR, exist_ok=True)
-        # another process (a torchrun rank) may have cached it meanwhile
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not os.path.exists(os.path.join(folder, "model.safetensors")):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def load_checkpoint(path, map_location="cpu"):
-    """Reads a train.py checkpoint (a .pt file or the out_dir holding ckpt.pt) with `weights_only=True`,
-    memory-mapped: the processes of a host share one copy."""
-    if not path.endswith(".pt"):
-        path = os.path.join(path, "ckpt.pt")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint (truncated or corrupt?): {e}") from None
-    missing = {"model", "model_args"} - set(ckpt) if isinstance(ckpt, dict) else {"model", "model_args"}
-    if missing:
-        raise ValueError(f"{path} is not a train.py checkpoint (missing {', '.join(sorted(missing))})")
-    return ckpt
 
 
 # Dense bf16 peak FLOP/s of the accelerators MFU is reported against, by name fragment.

@@ -53,8 +53,7 @@ import torch  # noqa: E402
 
 import report  # noqa: E402
 import topics  # noqa: E402
-from files import write_text  # noqa: E402
-from prepare import load_meta  # noqa: E402
+from files import load_meta, write_text  # noqa: E402
 
 out_dir = "out-pipeline"  # every stage's output and the report go here
 data_dir = "data/topics"  # the built-in corpus (made here); any other folder: a corpus prepare.py made
@@ -373,7 +372,8 @@ def make_steps(cfg):
                        settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds", "inspect_concepts",
                                 "steer_concepts"),
                        outputs=exists(*report.paths(report_folder).values()), run=lambda folder: report.write_report(
-                           cfg, students_dir, folder, {s.name: s.record()["seconds"] for s in before_report}))
+                           cfg, students_dir, folder, {s.name: s.record()["seconds"] for s in before_report},
+                           {v: VARIANTS[v] for v in variants}, built_in(cfg)))
     return [*before_report, report_step]
 
 

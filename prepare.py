@@ -126,18 +126,6 @@ def token_dtype(vocab_size):
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
-def load_meta(data_dir):
-    """meta.json of a prepared folder, or an error that names the command that makes it."""
-    path = os.path.join(data_dir, "meta.json")
-    if not os.path.exists(path):
-        name = os.path.basename(os.path.normpath(data_dir))
-        corpus = name if name in (*HF_CORPORA, "topics") else "text --input '...'"
-        raise FileNotFoundError(f"no prepared data in {data_dir} (missing meta.json): "
-                                f"run `python prepare.py {corpus} --data_dir={data_dir}` first")
-    with open(path) as f:
-        return json.load(f)
-
-
 def write_tokens(path, arrays, total, dtype, desc):
     """Writes `total` tokens, given as a sequence of arrays, to a flat .bin, whole or not at all."""
     with atomic_write(path) as tmp:

@@ -15,14 +15,14 @@ import torch
 
 import concepts
 import topics
-from files import atomic_write, progress, write_text
-from model import GPT, GPTConfig, device_and_autocast, load_checkpoint
-from prepare import Tokenizer, load_meta
+from files import atomic_write, load_checkpoint, load_meta, progress, write_text
+from model import GPT, GPTConfig, device_and_autocast
+from prepare import Tokenizer
 from sae import TopKSAE, steering_edit
 from teacher import load_teacher
 
 
-# how the report names the two rows every run has; the variants go by their names in pipeline.VARIANTS
+# how the report names the two rows every run has; the variants go by their names
 LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
 
 
@@ -90,13 +90,10 @@ def compare(row, ntp):
     return "no difference" if abs(m - m0) <= s + s0 else "better" if m < m0 else "worse"
 
 
-def training(cfg, students_dir):
+def training(cfg, students_dir, names):
     """Every row's validation curves over the seeds and what they say, with the teacher's and the SAE's
-    figures. Rows: NTP, the paper's CoCoMix, then the chosen variants (pipeline.VARIANTS)."""
-    from pipeline import chosen_variants
-
+    figures. Rows `names`: NTP, the paper's CoCoMix, then the chosen variants."""
     seeds = range(1, cfg.seeds + 1)
-    names = ["ntp", "cocomix", *chosen_variants(cfg)]
     curves = {n: [val_curve(os.path.join(students_dir, f"{n}-{s}")) for s in seeds] for n in names}
     tokens = curves["ntp"][0][0]
     for name, rows in curves.items():
@@ -297,14 +294,14 @@ def plot(path, r, seeds):
     plt.close(fig)
 
 
-def write_report(cfg, students_dir, folder, stage_seconds):
-    """Measures, plots and writes into `folder` the report of the students in `students_dir`; `stage_seconds`
-    are the times of the stages before it."""
+def write_report(cfg, students_dir, folder, stage_seconds, variants, built_in):
+    """Measures, plots and writes into `folder` the report of the students in `students_dir`: NTP, CoCoMix and
+    `variants` ({name: what it is}); `stage_seconds` are the times of the stages before it; `built_in`: the
+    students learned the built-in corpus, whose planted topics the steering measures."""
     t0 = time.time()
     device, _, autocast = device_and_autocast()
-    from pipeline import built_in
-    r = {"settings": vars(cfg), **training(cfg, students_dir)}
-    if built_in(cfg):
+    r = {"settings": vars(cfg), "variants": variants, **training(cfg, students_dir, ["ntp", "cocomix", *variants])}
+    if built_in:
         r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
         # the steering effect of every other row whose concepts reach the stream
         r["steering_effect"] = {"cocomix": r["steering_effect"]}
@@ -405,9 +402,8 @@ def markdown(r):
         + (f" steering effect ({', '.join(titles)}) |" if topic_steering else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if topic_steering else ""),
     ]
-    from pipeline import VARIANTS
     what = {"ntp": "next-token prediction, width matched to CoCoMix's active parameters",
-            "cocomix": "the paper's method", **VARIANTS}
+            "cocomix": "the paper's method", **r["variants"]}
     for n in names:
         m, sd = final[n]
         reach_n = r["tokens_to_reach_ntp_final"][n]

@@ -13,8 +13,9 @@ Samples text from a trained model, steers its concepts, and inspects them.
 
 import torch
 
-from configurator import configure
-from model import GPT, STEER_MODES, device_and_autocast, load_checkpoint, parse_steer
+from configurator import configure, parse_steer
+from files import load_checkpoint
+from model import GPT, STEER_MODES, device_and_autocast
 from prepare import Tokenizer
 from sae import TopKSAE, steering_edit
 from teacher import Teacher, as_teacher, load_teacher, tokenizer_meta

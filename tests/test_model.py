@@ -121,7 +121,7 @@ def test_loss_is_cross_entropy_of_the_logits():
 
 def test_checkpoint_of_another_shape_is_refused(tmp_path):
     from dataclasses import asdict
-    from model import load_checkpoint
+    from files import load_checkpoint
     model = tiny_gpt()
     args = {**asdict(model.config), "n_embd": 32}
     torch.save({"model": model.state_dict(), "model_args": args}, tmp_path / "ckpt.pt")

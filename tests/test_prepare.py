@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import prepare
-from prepare import Tokenizer, load_meta, token_dtype, write_tokens
+from files import load_meta
+from prepare import Tokenizer, token_dtype, write_tokens
 
 
 def read(folder):

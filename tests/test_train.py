@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, cocomix_args, run, train_args
-from model import load_checkpoint
+from files import load_checkpoint
 
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
