@@ -23,10 +23,11 @@ import prepare
 import report
 import topics
 from configurator import config_keys
-from conftest import AVX2_ONLY, ROOT, run
+from conftest import AVX2_ONLY, ROOT, run, settings_and_ranges
 from files import write_text
 from model import GPT, GPTConfig
-from prepare import Tokenizer, load_meta
+from files import load_meta
+from prepare import Tokenizer
 from sae import TopKSAE
 from teacher import load_teacher
 from topics import NO_TOPIC
@@ -170,8 +171,8 @@ def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
 SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--block_size=64", "--batch_size=8",
          "--batch_tokens=512",
          "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
-         "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=2",
-         "--steer_samples=4", "--steer_tokens=40", "--variants=all"]
+         "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=1",
+         "--steer_samples=2", "--steer_tokens=24", "--variants=all"]
 RUNS = "2x48-c1-20it"  # the students' folder: their shape, concept layer and steps
 
 
@@ -186,6 +187,24 @@ def small_run(tmp_path_factory):
     return tmp_path, run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)
 
 
+def check_table_against_metrics(out, r, md, seeds):
+    """The report's curves, final losses, parameter counts and verdicts are those of the runs' own files."""
+    ntp_mean, ntp_std = r["final_val_ntp_loss"]["ntp"]
+    for row in r["rows"]:
+        logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
+                   if "val_ntp_loss" in line] for s in seeds]
+        assert np.allclose(r["val_ntp_loss"][row], logged)
+        final = [run_[-1] for run_ in logged]
+        mean, std = np.mean(final), (np.std(final, ddof=1) if len(seeds) > 1 else 0.0)
+        assert r["final_val_ntp_loss"][row] == pytest.approx([mean, std])
+        args = torch.load(out / f"{row}-1" / "ckpt.pt", weights_only=True)["model_args"]
+        params = GPT(GPTConfig(**args)).get_num_params()
+        line = next(line for line in md.splitlines() if line.startswith(f"| {report.LABELS.get(row, row)} |"))
+        assert f"| {params:,} |" in line and f"| {mean:.4f} ± {std:.4f} |" in line
+        verdict = "no difference" if abs(mean - ntp_mean) <= std + ntp_std else "better" if mean < ntp_mean else "worse"
+        assert f"| {verdict} |" in line
+
+
 def test_pipeline_end_to_end(small_run):
     tmp_path, proc = small_run
     out = tmp_path / "out" / RUNS
@@ -195,20 +214,8 @@ def test_pipeline_end_to_end(small_run):
     # every x86 machine runs the same kernels, AVX-512 or not
     if platform.machine() == "x86_64" and not set(pipeline.PINS) & set(os.environ):
         assert "torch's AVX2 kernels, MKL_CBWR=COMPATIBLE" in r["machine"]
-    for row in r["rows"]:  # the report's losses and table are those the runs logged
-        logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
-                   if "val_ntp_loss" in line] for s in (1, 2)]
-        assert np.allclose(r["val_ntp_loss"][row], logged)
-        final = [run_[-1] for run_ in logged]
-        mean, std = np.mean(final), np.std(final, ddof=1)
-        assert r["final_val_ntp_loss"][row] == pytest.approx([mean, std])
-        args = torch.load(out / f"{row}-1" / "ckpt.pt", weights_only=True)["model_args"]
-        params = GPT(GPTConfig(**args)).get_num_params()
-        line = next(line for line in md.splitlines() if line.startswith(f"| {report.LABELS.get(row, row)} |"))
-        assert f"| {params:,} |" in line and f"| {mean:.4f} ± {std:.4f} |" in line
-        verdict = "no difference" if abs(mean - r["final_val_ntp_loss"]["ntp"][0]) <= std + r[
-            "final_val_ntp_loss"]["ntp"][1] else "better" if mean < r["final_val_ntp_loss"]["ntp"][0] else "worse"
-        assert f"| {verdict} |" in line
+    check_table_against_metrics(out, r, md, seeds=(1,))
+    for row in r["rows"]:
         accuracy = [json.loads(line).get("val_concept_top_k_attr") for line in open(out / f"{row}-1" / "metrics.jsonl")]
         assert (accuracy[-1] is not None) == (row in ("cocomix", "activation", "insertion_only", "prediction_only",
                                                       "intervention", "residual_slot"))
@@ -234,22 +241,19 @@ def test_pipeline_end_to_end(small_run):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report-all" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "[32/32] report" in proc.stdout
+    assert "[19/19] report" in proc.stdout
     # two students at a time (jobs=2): each logs to its folder, not to the pipeline's output
-    assert (out / "kd-2" / "log.txt").read_text().startswith("$ python train.py --out_dir=")
-    assert "val_kd_loss" in (out / "kd-2" / "log.txt").read_text() and "val_kd_loss" not in proc.stdout
+    assert (out / "kd-1" / "log.txt").read_text().startswith("$ python train.py --out_dir=")
+    assert "val_kd_loss" in (out / "kd-1" / "log.txt").read_text() and "val_kd_loss" not in proc.stdout
 
 
 def test_pipeline_rerun_skips_what_is_done_and_refuses_stale_inputs(small_run):
     tmp_path, _ = small_run
     again = run("pipeline.py", *small_args(tmp_path), cwd=tmp_path)  # everything is done and valid: nothing runs
-    assert again.stdout.count(": done") == 32 and "$ python" not in again.stdout
+    assert again.stdout.count(": done") == 19 and "$ python" not in again.stdout
 
     stale = run("pipeline.py", *small_args(tmp_path, "--stage=labels", "--sae_k=8"), cwd=tmp_path, check=False)
     assert stale.returncode != 0 and "labels needs sae" in stale.stderr and "--stage=sae" in stale.stderr
-
-    report_only = run("pipeline.py", *small_args(tmp_path, "--steer_tokens=30"), cwd=tmp_path)
-    assert report_only.stdout.count(": done") == 31 and "[32/32] report\n" in report_only.stdout
 
 
 def test_pipeline_bad_settings(tmp_path):
@@ -287,15 +291,16 @@ def test_pipeline_interrupt_then_resume(tmp_path):
     assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stop
 
 
-def test_pipeline_killed_anywhere_ends_as_the_uninterrupted_run(small_run, tmp_path):
-    # SIGKILL to the pipeline and its stages at random moments, three times, then a rerun to the end: the rows
-    # it shares with the uninterrupted small run have the same losses, and the same report figures
+def test_pipeline_killed_anywhere_and_told_it_runs_without_avx512_ends_with_the_same_bits(small_run, tmp_path):
+    # SIGKILL to the pipeline and its stages at random moments, three times, then a rerun to the end, every library
+    # told to run as on a CPU without AVX-512: the labels, and the logs and report figures of the rows it shares
+    # with the uninterrupted small run made as the machine is, are the same bits
     args = small_args(tmp_path, "--variants=prediction_only")
     rng, kills = random.Random(0), 0
     while True:
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
                                 start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                env={**os.environ, "OMP_NUM_THREADS": "1", **AVX2_ONLY})
         try:
             # short windows, so that three kills land before the run can end (about 2 s of each is start-up)
             _, err = proc.communicate(timeout=rng.uniform(3, 7) if kills < 3 else None)
@@ -305,36 +310,19 @@ def test_pipeline_killed_anywhere_ends_as_the_uninterrupted_run(small_run, tmp_p
             proc.communicate()
             kills += 1
     assert proc.returncode == 0 and kills == 3, err
-    whole, killed = small_run[0] / "out" / RUNS, tmp_path / "out" / RUNS
-    for row in ("ntp", "cocomix", "prediction_only"):
-        for seed in (1, 2):
-            logs = [[json.loads(line) for line in open(folder / f"{row}-{seed}" / "metrics.jsonl")]
-                    for folder in (whole, killed)]
-            assert [m.get("val_ntp_loss") for m in logs[0]] == [m.get("val_ntp_loss") for m in logs[1]], (row, seed)
-    reports = [json.loads((folder / name / "report.json").read_text())
-               for folder, name in ((whole, "report-all"), (killed, "report-prediction_only"))]
-    for row in ("ntp", "cocomix", "prediction_only"):
-        assert reports[0]["final_val_ntp_loss"][row] == reports[1]["final_val_ntp_loss"][row]
-
-
-def test_pipeline_told_it_runs_without_avx512_gives_the_same_bits(small_run, tmp_path):
-    # the scaled-down pipeline with the CoCoMix and prediction-only rows, every library told to run as on a CPU
-    # without AVX-512: the same labels, losses and report figures as the small run made as the machine is
-    run("pipeline.py", *small_args(tmp_path, "--variants=prediction_only"), cwd=tmp_path, env=AVX2_ONLY)
     whole, told = small_run[0] / "out", tmp_path / "out"
     for split in ("train", "val"):
         assert (whole / "labels" / f"{split}.bin").read_bytes() == (told / "labels" / f"{split}.bin").read_bytes()
     for row in ("ntp", "cocomix", "prediction_only"):
-        for seed in (1, 2):
-            # every logged figure but the speed
-            logs = [[{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "mfu")}
-                     for line in open(folder / RUNS / f"{row}-{seed}" / "metrics.jsonl")] for folder in (whole, told)]
-            assert logs[0] == logs[1], (row, seed)
+        # every logged figure but the speed
+        logs = [[{k: v for k, v in json.loads(line).items() if k not in ("tok_per_s", "mfu")}
+                 for line in open(folder / RUNS / f"{row}-1" / "metrics.jsonl")] for folder in (whole, told)]
+        assert logs[0] == logs[1], row
     reports = [json.loads((folder / RUNS / name / "report.json").read_text())
                for folder, name in ((whole, "report-all"), (told, "report-prediction_only"))]
-    for key in ("val_ntp_loss", "final_val_ntp_loss", "concept_top_k_attr", "flops_per_token"):
-        for row in ("ntp", "cocomix", "prediction_only"):
-            assert reports[0][key].get(row) == reports[1][key].get(row), (key, row)
+    for row in ("ntp", "cocomix", "prediction_only"):
+        assert reports[0]["val_ntp_loss"][row][0] == reports[1]["val_ntp_loss"][row][0], row
+        assert reports[0]["flops_per_token"][row] == reports[1]["flops_per_token"][row], row
     assert reports[0]["sae"] == reports[1]["sae"] and reports[0]["teacher_val_loss"] == reports[1]["teacher_val_loss"]
 
 
@@ -344,7 +332,7 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     data = tmp_path / "data" / "mine"
     shutil.copytree(char_data, data)
     before = {p.name: p.read_bytes() for p in data.iterdir()}
-    args = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *SMALL[1:], "--seeds=1", "--variants=",
+    args = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", *SMALL[1:], "--seeds=2", "--variants=",
             "--n_concepts=64", "--steer_samples=3", "--steer_tokens=12", "--inspect_concepts=3", "--steer_scales=5",
             "--steer_adds=10"]
     proc = run("pipeline.py", *args, cwd=tmp_path)
@@ -353,6 +341,8 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     r = json.loads((folder / "report.json").read_text())
     md = (folder / "report.md").read_text()
     assert "steering" not in r and r["rows"] == ["ntp", "cocomix"]
+    # the mean and spread over seeds
+    check_table_against_metrics(tmp_path / "out" / RUNS, r, md, seeds=(1, 2))
     assert len(r["concepts"]) == 3 and all(0 <= row["frequency"] <= 1 for row in r["concepts"])
     steered = [row["latent"] for row in r["concepts"]]
     # per concept: no steering for both models, x5 for both, +10 for the student
@@ -364,7 +354,10 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     for part in (f"# CoCoMix against NTP on `{data}`", "## What the concepts are", "## Steering, measured",
                  "| concept | model | steering | activation | top-token share | teacher perplexity |"):
         assert part in md
-    assert "[7/7] report" in proc.stdout
+    assert "[9/9] report" in proc.stdout
+    # a setting of the report only: the report alone reruns
+    report_only = run("pipeline.py", *args, "--steer_tokens=10", cwd=tmp_path)
+    assert report_only.stdout.count(": done") == 8 and "[9/9] report\n" in report_only.stdout
     # concepts.py lists the latents about a word in what the pipeline made: first the one whose top activations
     # fall on it most often, counted here by sorting each latent's activations
     out = tmp_path / "out"
@@ -388,15 +381,20 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     assert missing.returncode != 0 and "prepare.py" in missing.stderr
 
 
-def test_pipeline_with_a_pretrained_teacher(tmp_path, llama_folder, llama_data):
-    """--teacher: the teacher stage only checks a pretrained teacher (a transformers Llama) against the corpus and
-    scores it, the SAE, labels, students (KD too) and report read it by its name, and a rerun skips every stage."""
+def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder, llama_data):
+    """config/pipeline_smollm2_cpu.py with a tiny random Llama in place of SmolLM2 and every size scaled down: the
+    teacher stage only checks the pretrained teacher against the corpus and scores it, the SAE, labels, students
+    (KD too) and report read it by its name, the report's table is the runs' metrics files, and a rerun skips
+    every stage. The GPU preset differs from it in sizes only."""
     from transformers import AutoModelForCausalLM
+    presets = [settings_and_ranges(f"config/pipeline_smollm2_{d}.py")[0] for d in ("cpu", "gpu")]
+    assert all(p["teacher"] == "smollm2" and p["variants"] == presets[0]["variants"] for p in presets)
     data = tmp_path / "data"
     shutil.copytree(llama_data, data)
-    args = [f"--out_dir={tmp_path / 'out'}", f"--data_dir={data}", f"--teacher={llama_folder}", *SMALL[1:],
-            "--sae_layer=1", "--seeds=1", "--variants=kd", "--steer_samples=2", "--steer_tokens=8",
-            "--inspect_concepts=2", "--steer_scales=5", "--steer_adds=10"]
+    sizes = [a for a in SMALL[1:] if not a.startswith("--variants=")]
+    args = [os.path.join(ROOT, "config", "pipeline_smollm2_cpu.py"), f"--out_dir={tmp_path / 'out'}",
+            f"--data_dir={data}", f"--teacher={llama_folder}", *sizes, "--sae_layer=1", "--seeds=1",
+            "--steer_samples=2", "--steer_tokens=8", "--inspect_concepts=2", "--steer_scales=5", "--steer_adds=10"]
     run("pipeline.py", *args, cwd=tmp_path)
     record = json.loads((tmp_path / "out" / "teacher" / "teacher.json").read_text())
     assert not (tmp_path / "out" / "teacher" / "ckpt.pt").exists() and record["n_embd"] == 32
@@ -408,11 +406,16 @@ def test_pipeline_with_a_pretrained_teacher(tmp_path, llama_folder, llama_data):
         losses = [lm(torch.from_numpy(val[s:s + 65])[None], labels=torch.from_numpy(val[s:s + 65])[None]).loss
                   for s in starts]
     assert abs(record["val_loss"] - float(torch.stack(losses).mean())) < 1e-4
-    r = json.loads((tmp_path / "out" / RUNS / "report-kd" / "report.json").read_text())
-    assert r["teacher_val_loss"] == record["val_loss"] and r["rows"] == ["ntp", "cocomix", "kd"]
+    rows = ["ntp", "cocomix", *presets[0]["variants"].split(",")]
+    folder = tmp_path / "out" / RUNS / f"report-{'+'.join(rows[2:])}"
+    r, md = json.loads((folder / "report.json").read_text()), (folder / "report.md").read_text()
+    assert r["teacher_val_loss"] == record["val_loss"] and r["rows"] == rows
     assert r["teacher_forward_flops_per_token"] == record["forward_flops_per_token"]
-    assert f"{llama_folder}, pretrained" in (tmp_path / "out" / RUNS / "report-kd" / "report.md").read_text()
+    assert f"{llama_folder}, pretrained" in md
+    check_table_against_metrics(tmp_path / "out" / RUNS, r, md, seeds=(1,))
+    kd = [json.loads(line) for line in open(tmp_path / "out" / RUNS / "kd-1" / "metrics.jsonl")]
+    assert kd[0]["val_kd_loss"] > 0
     header = json.loads((tmp_path / "out" / "labels" / "val.json").read_text())
     assert header["teacher"] == str(llama_folder)
     again = run("pipeline.py", *args, cwd=tmp_path)
-    assert again.stdout.count(": done") == 8
+    assert again.stdout.count(": done") == 4 + len(rows) + 1 and "$ python" not in again.stdout
