@@ -79,6 +79,21 @@ class ConceptLabeler:
         self.label_source, self.label_sign, self.label_score = label_source, label_sign, label_score
         self.label_dtype = label_dtype
 
+    def flops_per_token(self, block_size):
+        """FLOPs per labelled token, counted as GPT.flops_per_token counts (Teacher.flops_per_token): the
+        teacher's forward; the backward of the input gradients (no weight gradients) from the LM head down to
+        sae_layer, as many FLOPs as that part's forward but twice for attention; 2 x width x C for the SAE's
+        encoder and, for attribution, as much for the product with its decoder. The activation ablation runs no
+        backward and stops the forward at sae_layer."""
+        t, lower = self.teacher, self.sae_layer + 1
+        sae = 2 * t.n_embd * self.sae.n_concepts
+        if self.label_score == "activation":
+            return t.flops_per_token(block_size, upto=lower) + sae
+        forward = t.flops_per_token(block_size)
+        upper = forward - t.flops_per_token(block_size, upto=lower)
+        backward = upper + 4 * (t.n_layer - lower) * t.n_embd * block_size
+        return forward + backward + 2 * sae
+
     def precision(self, device):
         """The autocast of label_dtype, replacing any the caller runs under (train.py's bf16 step)."""
         dtype = LABEL_DTYPES[self.label_dtype]

@@ -132,22 +132,6 @@ def storage_bytes(tensors):
     return sum(storages.values())
 
 
-def labeler_flops_per_token(labeler, block_size):
-    """The labeler's FLOPs per token, counted as GPT.flops_per_token counts (Teacher.flops_per_token): the
-    teacher's forward; the backward of the input gradients (no weight gradients) from the LM head down to
-    sae_layer, as many FLOPs as that part's forward but twice for attention; 2 x width x C for the SAE's
-    encoder and, for attribution, as much for the product with its decoder. The activation ablation runs no
-    backward and stops the forward at sae_layer."""
-    t, lower = labeler.teacher, labeler.sae_layer + 1
-    sae = 2 * t.n_embd * labeler.sae.n_concepts
-    if labeler.label_score == "activation":
-        return t.flops_per_token(block_size, upto=lower) + sae
-    forward = t.flops_per_token(block_size)
-    upper = forward - t.flops_per_token(block_size, upto=lower)
-    backward = upper + 4 * (t.n_layer - lower) * t.n_embd * block_size
-    return forward + backward + 2 * sae
-
-
 def config_of(name):
     return configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
 
@@ -237,12 +221,12 @@ def bench_labeler():
 
         dt, _, extra = timed(call, device)
         btc = batch_size * block_size * n_concepts * 4
-        flops = labeler_flops_per_token(labeler, block_size)
+        flops = labeler.flops_per_token(block_size)
         tokens_s = batch_size * block_size / dt
         peak = peak_flops(device)
         mfu = f", MFU {100 * flops * tokens_s / peak:.1f}%" if peak else ""
         print(f"  {precision}: {tokens_s:,.0f} tokens/s ({dt:.2f} s per call), {flops / 1e9:.2f} GFLOPs per token "
-              f"(bench.labeler_flops_per_token) = {flops * tokens_s / 1e9:,.1f} GFLOP/s{mfu}; peak memory above the "
+              f"(ConceptLabeler.flops_per_token) = {flops * tokens_s / 1e9:,.1f} GFLOP/s{mfu}; peak memory above the "
               f"models and inputs {extra / 2**20:,.0f} MiB = {extra / btc:.2f} x one (B, T, C) fp32 tensor")
     if label_dtype != "float32":
         a, b = labels["float32"].sort(-1).values, labels[label_dtype].sort(-1).values
@@ -264,7 +248,7 @@ def bench_train_mode():
     sdpa = sorted({e.name for e in prof.events() if e.name.startswith("aten::_") and "attention" in e.name})
     print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": model.get_num_params(), "sdpa": sdpa,
                       "flops": model.flops_per_token(),
-                      "labeler_flops": labeler_flops_per_token(labeler, block_size) if labeler else 0,
+                      "labeler_flops": labeler.flops_per_token(block_size) if labeler else 0,
                       "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}))
 
 
@@ -296,7 +280,7 @@ def bench_train():
         print(f"  {label:<24} {r['step_s']:8.3f} {tokens_s:9,.0f} {ratio:6.2f} {floor:11.2f} {ratio / floor:7.2f} "
               f"{mfu:>6} {r['peak'] / 2**20:9,.0f}")
     print("  FLOPs: GPT.flops_per_token, and for online labels the teacher's forward + backward to sae_layer and the "
-          "SAE (bench.labeler_flops_per_token); MFU against the GPU's dense bf16 peak")
+          "SAE (ConceptLabeler.flops_per_token); MFU against the GPU's dense bf16 peak")
     print(f"  attention kernels (NTP's step): {', '.join(ntp['sdpa'])}")
 
 

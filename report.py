@@ -15,6 +15,7 @@ import torch
 
 import concepts
 import topics
+from attribution import ConceptLabeler
 from files import atomic_write, load_checkpoint, load_meta, progress, write_text
 from model import GPT, GPTConfig, device_and_autocast
 from prepare import Tokenizer
@@ -301,6 +302,11 @@ def write_report(cfg, students_dir, folder, stage_seconds, variants, built_in):
     t0 = time.time()
     device, _, autocast = device_and_autocast()
     r = {"settings": vars(cfg), "variants": variants, **training(cfg, students_dir, ["ntp", "cocomix", *variants])}
+    # what the labels cost, once per corpus token: the teacher's forward, its backward down to sae_layer, the SAE
+    labeler = ConceptLabeler(load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher")),
+                             TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")), cfg.sae_layer, cfg.k_attr)
+    r["label_flops_per_token"] = labeler.flops_per_token(cfg.block_size)
+    del labeler
     if built_in:
         r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
         # the steering effect of every other row whose concepts reach the stream
@@ -393,7 +399,8 @@ def markdown(r):
         f"the student's training FLOPs per token; KD also runs the teacher forward on every training token "
         f"({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's training FLOPs), "
         f"hidden-state prediction the teacher's blocks up to {s['sae_layer']}; CoCoMix's labels were made once per "
-        f"corpus token and cached. Concept accuracy is against each row's own labels (activation labels for the "
+        f"corpus token and cached, at {r['label_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's "
+        f"training FLOPs per token. Concept accuracy is against each row's own labels (activation labels for the "
         f"activation row)." + (" Steering: the topic-word rate gained, mean over the topics, with the topic's "
                                "concept steered (seed 1)." if topic_steering else ""),
         "",

@@ -8,7 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from attribution import ConceptLabeler
-from bench import LiveBytes, labeler_flops_per_token
+from bench import LiveBytes
 from conftest import AVX2_ONLY, run
 from model import GPT, GPTConfig
 from sae import TopKSAE
@@ -113,7 +113,7 @@ def test_labeler_flops_match_a_flop_counter():
         labeler = ConceptLabeler(teacher, TopKSAE(256, 32, 8), sae_layer=1, k_attr=4, label_score=score)
         with Flops() as counter:
             labeler(x, y)
-        assert labeler_flops_per_token(labeler, 32) * x.numel() == counter.total, score
+        assert labeler.flops_per_token(32) * x.numel() == counter.total, score
 
 
 @pytest.mark.parametrize("concepts", [{}, dict(n_concepts=512, concept_topk=4, concept_layer=1)])

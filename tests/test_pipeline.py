@@ -227,6 +227,9 @@ def test_pipeline_end_to_end(small_run):
     for row in ("kd", "pause", "pause_kd"):  # the baselines are NTP's width
         assert torch.load(out / f"{row}-1" / "ckpt.pt", weights_only=True)["model_args"]["n_embd"] == r["ntp_width"]
     assert r["flops_per_token"]["cocomix"] > r["flops_per_token"]["prediction_only"] > r["flops_per_token"]["ntp"]
+    # a label costs the teacher's forward and more (ConceptLabeler.flops_per_token: tests/test_bench.py)
+    assert r["label_flops_per_token"] > r["teacher_forward_flops_per_token"]
+    assert f"at {r['label_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's training FLOPs per token" in md
     assert 0 <= r["sae"]["val_nmse"] and 0 <= r["sae"]["dead_frac"] <= 1
     assert 0 <= r["concept_top_k_attr"]["cocomix"][0] <= 1
     assert set(r["steering_effect"]) == {"cocomix", "activation", "insertion_only", "intervention", "residual_slot"}
