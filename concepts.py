@@ -139,8 +139,8 @@ RANGES = {"sae_layer": "[0, inf)", "n_latents": "[1, inf)", "top": "[1, inf)", "
 
 if __name__ == "__main__":
     from configurator import configure
-    from model import device_and_autocast
     from files import load_meta
+    from model import device_and_autocast
     from prepare import Tokenizer
     from sae import TopKSAE
     from teacher import load_teacher

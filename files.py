@@ -83,7 +83,8 @@ def load_meta(data_dir):
     path = os.path.join(data_dir, "meta.json")
     if not os.path.exists(path):
         name = os.path.basename(os.path.normpath(data_dir))
-        # prepare.py's corpora that a folder's name says
+        # prepare.py's corpora that a folder's name says (spelled out: files.py imports none of the project,
+        # so that every file can import it; tests/test_prepare.py holds them equal to prepare.py's)
         corpus = name if name in ("openwebtext", "openwebmath", "topics") else "text --input '...'"
         raise FileNotFoundError(f"no prepared data in {data_dir} (missing meta.json): "
                                 f"run `python prepare.py {corpus} --data_dir={data_dir}` first")
@@ -91,18 +92,18 @@ def load_meta(data_dir):
         return json.load(f)
 
 
-def download(repo, patterns, check):
-    """The files `patterns` of Hugging Face hub repository `repo`, once, into CACHE_DIR/<its name>: downloaded
-    into a temporary folder, `check(folder)` there (it raises ValueError on a bad download), and only then
-    renamed into the cache. Returns the folder."""
+def download(repo, filenames, check):
+    """The files `filenames` of Hugging Face hub repository `repo`, once, into CACHE_DIR/<its name without the
+    owner>: downloaded into a temporary folder, `check(folder)` there (it raises ValueError on a bad download),
+    and only then renamed into the cache. Returns the folder."""
     folder = os.path.join(CACHE_DIR, repo.split("/")[-1])
-    if all(os.path.exists(os.path.join(folder, p)) for p in patterns):
+    if all(os.path.exists(os.path.join(folder, name)) for name in filenames):
         return folder
     from huggingface_hub import snapshot_download
     tmp = f"{folder}.{os.getpid()}.tmp"
     try:
         try:
-            snapshot_download(repo, allow_patterns=patterns, local_dir=tmp)
+            snapshot_download(repo, allow_patterns=filenames, local_dir=tmp)
         except Exception as e:
             raise ValueError(f"cannot download {repo} from the Hugging Face hub: {type(e).__name__}: {e}") from None
         try:
@@ -114,7 +115,7 @@ def download(repo, patterns, check):
         try:
             os.replace(tmp, folder)
         except OSError:
-            if not all(os.path.exists(os.path.join(folder, p)) for p in patterns):
+            if not all(os.path.exists(os.path.join(folder, name)) for name in filenames):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

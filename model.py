@@ -509,7 +509,7 @@ class GPT(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt):
-        """The model of a checkpoint dict written by train.py (see `load_checkpoint`); a named ValueError for
+        """The model of a checkpoint dict written by train.py (see `files.load_checkpoint`); a named ValueError for
         anything else."""
         args, sd = ckpt["model_args"], ckpt["model"]
         try:

@@ -1,6 +1,7 @@
 """
-The report of pipeline.py: CoCoMix against NTP over seeds (validation curves, sample efficiency,
-concept accuracy), a plot, and out_dir/report.md, report.json and report.png. On the built-in corpus
+The report of pipeline.py: CoCoMix against NTP and the rows pipeline.py names, over seeds (validation curves,
+sample efficiency, FLOPs with the labels' share, concept accuracy), a plot, written as report.md, report.json and
+report.png into the students' folder (<out_dir>/<shape>/report-<rows>/). On the built-in corpus
 it measures steering (paper §3.2) on the planted topics; on a corpus of the user's it says what the
 concepts are (their top contexts, concepts.py) and measures steering by what the teacher reads back.
 """
@@ -302,7 +303,8 @@ def write_report(cfg, students_dir, folder, stage_seconds, variants, built_in):
     t0 = time.time()
     device, _, autocast = device_and_autocast()
     r = {"settings": vars(cfg), "variants": variants, **training(cfg, students_dir, ["ntp", "cocomix", *variants])}
-    # what the labels cost, once per corpus token: the teacher's forward, its backward down to sae_layer, the SAE
+    # the labels' FLOPs need the teacher's and the SAE's shapes, which only their files hold (a pretrained
+    # teacher's blocks are whatever transformers builds)
     labeler = ConceptLabeler(load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher")),
                              TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")), cfg.sae_layer, cfg.k_attr)
     r["label_flops_per_token"] = labeler.flops_per_token(cfg.block_size)

@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from configurator import configure
-from files import atomic_write, metrics_log, progress
+from files import atomic_write, load_meta, metrics_log, progress
 from model import device_and_autocast
-from files import load_meta
 from sae import TopKSAE, evaluate, init_pre_bias, make_optimizer, train_step
 from teacher import load_teacher
 

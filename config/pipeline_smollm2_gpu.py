@@ -2,10 +2,7 @@
 # English books tokenized with its tokenizer, about 4M training tokens (e.g. 20 novels). Sized by FLOPs for about
 # 10 minutes of one H100 at 25 TFLOP/s: labels 4M tokens x 0.54 GFLOPs, 18 students of 4.1M tokens x 0.1 GFLOPs,
 # KD's teacher forward 3 x 4.1M tokens x 0.28 GFLOPs; not yet timed on a GPU.
-# The teacher's file (98 MB) is larger than what one call to a lent device carries (64 MiB): split it here
-# (`split -b 50M`), carry one part per call of a warm machine, `cat` them there and pass the .gguf file's path
-# as --teacher; docs/smollm2.md has the commands.
-# python pipeline.py config/pipeline_smollm2_gpu.py --data_dir=data/books-smollm2-4m --out_dir=out-smollm2-gpu
+# python pipeline.py config/pipeline_smollm2_gpu.py --data_dir=data/books-smollm2 --out_dir=out-smollm2-gpu
 teacher = "smollm2"
 n_layer = 6  # the students
 n_head = 4

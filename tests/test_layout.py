@@ -55,3 +55,4 @@ def test_the_readme_is_a_guide_whose_links_resolve():
         for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", body):
             if not target.startswith("http"):
                 assert os.path.exists(os.path.join(ROOT, os.path.dirname(page), target)), (page, target)
+

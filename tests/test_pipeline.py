@@ -24,9 +24,8 @@ import report
 import topics
 from configurator import config_keys
 from conftest import AVX2_ONLY, ROOT, run, settings_and_ranges
-from files import write_text
+from files import load_meta, write_text
 from model import GPT, GPTConfig
-from files import load_meta
 from prepare import Tokenizer
 from sae import TopKSAE
 from teacher import load_teacher
@@ -388,7 +387,7 @@ def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder,
     """config/pipeline_smollm2_cpu.py with a tiny random Llama in place of SmolLM2 and every size scaled down: the
     teacher stage only checks the pretrained teacher against the corpus and scores it, the SAE, labels, students
     (KD too) and report read it by its name, the report's table is the runs' metrics files, and a rerun skips
-    every stage. The GPU preset differs from it in sizes only."""
+    every stage. The GPU preset has the same teacher and rows."""
     from transformers import AutoModelForCausalLM
     presets = [settings_and_ranges(f"config/pipeline_smollm2_{d}.py")[0] for d in ("cpu", "gpu")]
     assert all(p["teacher"] == "smollm2" and p["variants"] == presets[0]["variants"] for p in presets)

@@ -140,9 +140,11 @@ def test_token_dtype_follows_the_vocabulary():
 
 
 def test_missing_folder_names_the_command(tmp_path):
-    with pytest.raises(FileNotFoundError,
-                       match=re.escape(f"run `python prepare.py openwebtext --data_dir={tmp_path}/openwebtext`")):
-        load_meta(str(tmp_path / "openwebtext"))
+    # every corpus prepare.py makes by name (files.py spells them out)
+    for corpus in (*prepare.HF_CORPORA, "topics"):
+        with pytest.raises(FileNotFoundError,
+                           match=re.escape(f"run `python prepare.py {corpus} --data_dir={tmp_path}/{corpus}`")):
+            load_meta(str(tmp_path / corpus))
     with pytest.raises(FileNotFoundError,
                        match=re.escape(f"python prepare.py text --input '...' --data_dir={tmp_path}/books")):
         load_meta(str(tmp_path / "books"))

@@ -16,9 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import prepare
-from configurator import configure
+from configurator import configure, parse_steer
 from conftest import ROOT, pseudo_text, run, settings_and_ranges
-from configurator import parse_steer
 from files import load_checkpoint
 from model import GPT, GPTConfig
 from prepare import Tokenizer
