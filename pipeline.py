@@ -231,6 +231,9 @@ class Step:
             record = {"key": self.key(), "run": os.urandom(8).hex(), "settings": self.settings, "done": False,
                       "seconds": 0.0}
         os.makedirs(self.folder, exist_ok=True)
+        # on disk before the run: a run killed outright (no `finally`, e.g. SIGKILL or a lost machine) then resumes
+        # rather than starts afresh, though the seconds it ran are lost
+        write_text(self.record_path, json.dumps(record, indent=1))
         t0 = time.time()
         # the time also counts when interrupted
         try:

@@ -265,32 +265,41 @@ def test_pipeline_bad_settings(tmp_path):
         assert proc.returncode != 0 and proc.stderr.startswith("error:")
 
 
-def test_pipeline_interrupt_then_resume(tmp_path):
+def test_pipeline_killed_then_interrupted_then_resumed(tmp_path):
     args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=300")
     run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
-    # SIGINT restored to its default: a shell starts background jobs with it ignored, and so would the pipeline be
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
-                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    ckpt = tmp_path / "out" / "teacher" / "ckpt.pt"
-    deadline = time.time() + 60
-    while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground group gets SIGINT
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode != 0 and "interrupted" in err
-    record = json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())
-    assert record["done"] is False
-    stopped_at = torch.load(ckpt, weights_only=True)["step"]
-    assert 0 < stopped_at < 300
+    ckpt, record = tmp_path / "out" / "teacher" / "ckpt.pt", tmp_path / "out" / "teacher" / "stage.json"
+
+    def start_and_stop_at_a_new_checkpoint(sig):
+        # SIGINT restored to its default: a shell starts background jobs with it ignored, and so would the pipeline
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
+                                start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
+        deadline = time.time() + 60
+        while (not ckpt.exists() or ckpt.stat().st_mtime_ns == before) and time.time() < deadline \
+                and proc.poll() is None:
+            time.sleep(0.02)
+        # SIGKILL: no handler runs (a lost machine); SIGINT: what Ctrl-C does, to the whole foreground group
+        os.killpg(proc.pid, sig)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode != 0
+        return out, err, torch.load(ckpt, weights_only=True)["step"]
+
+    _, _, killed_at = start_and_stop_at_a_new_checkpoint(signal.SIGKILL)
+    assert json.loads(record.read_text())["done"] is False
+    out, err, stopped_at = start_and_stop_at_a_new_checkpoint(signal.SIGINT)
+    # the killed run's checkpoint was resumed, not thrown away
+    assert "--init_from=resume" in out and "interrupted" in err and 0 < killed_at < stopped_at < 300
+    assert json.loads(record.read_text())["done"] is False
 
     resumed = run("pipeline.py", *args, cwd=tmp_path)
     assert "--init_from=resume" in resumed.stdout and "teacher" in resumed.stdout
-    assert json.loads((tmp_path / "out" / "teacher" / "stage.json").read_text())["done"] is True
+    assert json.loads(record.read_text())["done"] is True
     steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "teacher" / "metrics.jsonl")
              if "val_loss" in line]
-    assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stop
+    assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stops
 
 
 def test_pipeline_killed_anywhere_and_told_it_runs_without_avx512_ends_with_the_same_bits(small_run, tmp_path):
