@@ -129,11 +129,11 @@ def training(cfg, students_dir, names):
     }
 
 
-def steering(cfg, folder, device, autocast, detail):
+def steering(cfg, folder, device, autocast, teacher=None, sae=None):
     """Paper §3.2 on one seed's student with concepts: for each planted topic the concept whose logit
-    correlates most with it (and the teacher's SAE latent that does), and the share of the topic's
-    words in samples with that concept scaled by each of steer_scales, or raised by each of steer_adds,
-    against no steering. `detail`: also the samples and the per-topic table."""
+    correlates most with it, and the share of the topic's words in samples with that concept scaled by
+    each of steer_scales, or raised by each of steer_adds, against no steering. Given the `teacher` and
+    its `sae` (on `device`): also the samples and the per-topic table, with the SAE latent tied to each topic."""
     meta = load_meta(cfg.data_dir)
     ckpt = load_checkpoint(folder)
     model, tok = GPT.from_checkpoint(ckpt).to(device).eval(), Tokenizer(ckpt["meta"])
@@ -174,14 +174,12 @@ def steering(cfg, folder, device, autocast, detail):
     found = [row for row in rows if row["concept"] is not None]
     effect = {column: float(np.mean([row[column] - row["rate"] for row in found])) if found else None
               for _, _, column in steers}
-    if not detail:
+    if teacher is None:
         return {"steering_effect": effect}
 
     # for comparison, in the detailed table only: the teacher's SAE latent tied to each topic, and the corpus rate
-    teacher_model = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
-    sae_model = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     with autocast:
-        in_sae = topics.topic_features(lambda x: sae_model.encode_pre(teacher_model.hidden(x, cfg.sae_layer))[0], val,
+        in_sae = topics.topic_features(lambda x: sae.encode_pre(teacher.hidden(x, cfg.sae_layer))[0], val,
                                        val_topic, n_topics, block_size, device)
     corpus_words = topics.words(tok.decode(val.tolist()))
     for row, topic_words, (latent, latent_corr) in zip(rows, meta["topics"].values(), in_sae):
@@ -196,18 +194,17 @@ def steering(cfg, folder, device, autocast, detail):
             "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in steers]}
 
 
-def real_text(cfg, students_dir, device, autocast):
+def real_text(cfg, students_dir, device, autocast, teacher, sae):
     """On a corpus of the user's: the teacher's SAE latents that fire most, with their top tokens and contexts;
     the concepts the seed-1 CoCoMix student predicts most; and steering measured. For each concept steered
     (steer_concepts, or the three latents that fire most), samples after real prompts (the first 8 tokens
     of steer_samples validation windows), from the student with the concept's logit scaled or raised and from
     the teacher with its SAE latent scaled (paper §3.2), each read back by the teacher: the latent's mean
-    activation, the share of its top tokens, and the teacher's perplexity (the cost in fluency)."""
+    activation, the share of its top tokens, and the teacher's perplexity (the cost in fluency). `teacher`
+    and its `sae` are on `device`."""
     meta = load_meta(cfg.data_dir)
     tok = Tokenizer(meta)
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
-    teacher = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
-    sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
     student = GPT.from_checkpoint(load_checkpoint(os.path.join(students_dir, "cocomix-1"))).to(device).eval()
     chosen = [int(i) for i in cfg.steer_concepts.split(",") if i]
     with autocast:
@@ -303,23 +300,22 @@ def write_report(cfg, students_dir, folder, stage_seconds, variants, built_in):
     t0 = time.time()
     device, _, autocast = device_and_autocast()
     r = {"settings": vars(cfg), "variants": variants, **training(cfg, students_dir, ["ntp", "cocomix", *variants])}
-    # the labels' FLOPs need the teacher's and the SAE's shapes, which only their files hold (a pretrained
-    # teacher's blocks are whatever transformers builds)
-    labeler = ConceptLabeler(load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher")),
-                             TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")), cfg.sae_layer, cfg.k_attr)
-    r["label_flops_per_token"] = labeler.flops_per_token(cfg.block_size)
-    del labeler
+    # loaded once, for the labels' FLOPs (their shapes are only in their files: a pretrained teacher's blocks are
+    # whatever transformers builds), the SAE latents and the steering
+    teacher = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
+    sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
+    r["label_flops_per_token"] = ConceptLabeler(teacher, sae, cfg.sae_layer, cfg.k_attr).flops_per_token(cfg.block_size)
     if built_in:
-        r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, detail=True))
+        r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, teacher, sae))
         # the steering effect of every other row whose concepts reach the stream
         r["steering_effect"] = {"cocomix": r["steering_effect"]}
         for n in r["rows"][2:]:
             args = load_checkpoint(os.path.join(students_dir, f"{n}-1"))["model_args"]
             if args.get("n_concepts") and args.get("mixing") != "none":
-                r["steering_effect"][n] = steering(cfg, os.path.join(students_dir, f"{n}-1"), device, autocast,
-                                                   detail=False)["steering_effect"]
+                r["steering_effect"][n] = steering(cfg, os.path.join(students_dir, f"{n}-1"), device,
+                                                   autocast)["steering_effect"]
     else:
-        r.update(real_text(cfg, students_dir, device, autocast))
+        r.update(real_text(cfg, students_dir, device, autocast, teacher, sae))
     plot(paths(folder)["png"], r, cfg.seeds)
     times = {**stage_seconds, "report": time.time() - t0}
     r.update(machine=machine(device), stage_seconds_total=sum(times.values()), stage_seconds=times)
