@@ -237,6 +237,12 @@ def hf_tokenizer(name):
     """The transformers tokenizer of a teacher name that locate() puts outside this project's GPT."""
     from transformers import AutoTokenizer
     _, where, gguf = locate(name)
+    # transformers takes a tokenizer file beside a .gguf over the file's own tokenizer, silently
+    beside = [f for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+              if gguf and os.path.exists(os.path.join(where, f))]
+    if beside:
+        raise ValueError(f"{os.path.join(where, gguf)}: transformers would read the tokenizer of {beside[0]} beside "
+                         f"it, not the file's own: move the .gguf file into a folder of its own")
     return hf_load(AutoTokenizer, where, gguf)
 
 
