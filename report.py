@@ -237,24 +237,31 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
 
     rows = []
     plain = {"student": generate(student), "teacher": generate(teacher)}
+    # the first prompt's samples, unsteered and with each concept at the largest scale: not chosen for the effect
+    samples = {who: tok.decode(y[0].tolist()) for who, y in plain.items()}
+    examples = []
     for latent in progress(chosen, desc="steering", unit="concept"):
         for who in ("student", "teacher"):
             rows.append({"concept": latent, "model": who, "condition": "none", **measured(latent, plain[who])})
         for v in scales:
-            rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}",
-                         **measured(latent, generate(student, steer={latent: v}))})
+            y_student = generate(student, steer={latent: v})
+            rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}", **measured(latent, y_student)})
             # the teacher writes with its latent steered, and reads back unsteered
             hook = teacher.edit_block(cfg.sae_layer, steering_edit(sae, {latent: v}))
             try:
-                y = generate(teacher)
+                y_teacher = generate(teacher)
             finally:
                 hook.remove()
-            rows.append({"concept": latent, "model": "teacher", "condition": f"×{v:g}", **measured(latent, y)})
+            rows.append({"concept": latent, "model": "teacher", "condition": f"×{v:g}",
+                         **measured(latent, y_teacher)})
+        examples.append({"concept": latent, "condition": f"×{scales[-1]:g}",
+                         "student": tok.decode(y_student[0].tolist()), "teacher": tok.decode(y_teacher[0].tolist())})
         for v in adds:
             rows.append({"concept": latent, "model": "student", "condition": f"+{v:g}",
                          **measured(latent, generate(student, steer={latent: v}, steer_mode="add"))})
-    return {"concepts": table, "predicted": most, "steering_measured": rows,
-            "steering_prompts": [tok.decode(p) for p in x.tolist()], "steering_effect": {}, "steering_columns": []}
+    return {"concepts": table, "predicted": most, "steering_measured": rows, "steering_samples": samples,
+            "steering_examples": examples, "steering_prompts": [tok.decode(p) for p in x.tolist()],
+            "steering_effect": {}, "steering_columns": []}
 
 
 def plot(path, r, seeds):
@@ -507,4 +514,16 @@ def real_text_lines(r):
         (a, a_sd), (t, t_sd), (p, p_sd) = row["activation"], row["top_token_share"], row["perplexity"]
         lines.append(f"| {row['concept']} ({names.get(row['concept'], '')}) | {row['model']} | {row['condition']} | "
                      f"{a:.3f} ± {a_sd:.3f} | {pct(t)} ± {pct(t_sd)} | {p:.1f} ± {p_sd:.1f} |")
+    plain = r["steering_samples"]
+    lines += [
+        "",
+        f"The first prompt's samples (`{r['steering_prompts'][0].strip()}`), unsteered and with each concept at the "
+        f"largest scale, the same sampling noise in each:",
+        "",
+        f"- student, no steering: `{plain['student'].strip()}`",
+        f"- teacher, no steering: `{plain['teacher'].strip()}`",
+    ]
+    for ex in r["steering_examples"]:
+        lines += [f"- student, concept {ex['concept']} {ex['condition']}: `{ex['student'].strip()}`",
+                  f"- teacher, latent {ex['concept']} {ex['condition']}: `{ex['teacher'].strip()}`"]
     return lines

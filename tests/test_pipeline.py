@@ -368,6 +368,11 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
                                                  ("teacher", "×5"), ("student", "+10"))]
     for row in r["steering_measured"]:
         assert row["activation"][0] >= 0 and 0 <= row["top_token_share"][0] <= 1 and row["perplexity"][0] >= 1
+    # a sample of each steered concept, with the unsteered ones, in the report
+    assert [(ex["concept"], ex["condition"]) for ex in r["steering_examples"]] == [(c, "×5") for c in steered]
+    for text in [*r["steering_samples"].values(), *(ex[who] for ex in r["steering_examples"] for who in
+                                                     ("student", "teacher"))]:
+        assert f"`{text.strip()}`".replace("\n", " ") in md
     for part in (f"# CoCoMix against NTP on `{data}`", "## What the concepts are", "## Steering, measured",
                  "| concept | model | steering | activation | top-token share | teacher perplexity |"):
         assert part in md
