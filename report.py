@@ -26,6 +26,9 @@ from teacher import load_teacher
 
 # how the report names the two rows every run has; the variants go by their names
 LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
+# the paper's regime: a teacher that knows far more than every student, here at least this many nats/token
+# below the best student's validation loss (a perplexity about 1.65 times lower)
+REGIME_GAP = 0.5
 
 
 def paths(out_dir):
@@ -122,6 +125,7 @@ def training(cfg, students_dir, names):
         "tokens": tokens.tolist(), "val_ntp_loss": {n: l.tolist() for n, l in losses.items()},
         "final_val_ntp_loss": final, "against_ntp": {n: compare(final[n], final["ntp"]) for n in names},
         "teacher_val_loss": teacher["val_loss"], "teacher": teacher["what"],
+        "teacher_gap": min(m for m, _ in final.values()) - teacher["val_loss"],
         "tokens_to_reach_ntp_final": reach,
         "concept_top_k_attr": accuracy,
         "concept_top_k_attr_chance": cfg.k_attr / cfg.n_concepts,
@@ -390,7 +394,12 @@ def markdown(r):
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
         f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
         "",
-        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}. SAE on its block {s['sae_layer']} "
+        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}, {r['teacher_gap']:.2f} nats/token "
+        f"below the best student's: "
+        + (f"**in the paper's regime** (a teacher far stronger than every student: at least {REGIME_GAP} below)"
+           if r["teacher_gap"] >= REGIME_GAP else
+           f"**not in the paper's regime**, where the teacher is far stronger than every student (here: at least "
+           f"{REGIME_GAP} below)") + f". SAE on its block {s['sae_layer']} "
         f"({s['n_concepts']} latents, k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained "
         f"{pct(sae['val_fve'])}), dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed "
         f"before block {s['concept_layer']}.",

@@ -189,6 +189,12 @@ def small_run(tmp_path_factory):
 def check_table_against_metrics(out, r, md, seeds):
     """The report's curves, final losses, parameter counts and verdicts are those of the runs' own files."""
     ntp_mean, ntp_std = r["final_val_ntp_loss"]["ntp"]
+    finals = {row: [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
+                     if "val_ntp_loss" in line][-1] for s in seeds] for row in r["rows"]}
+    best = min(np.mean(f) for f in finals.values())
+    assert r["teacher_gap"] == pytest.approx(best - r["teacher_val_loss"])
+    regime = "**in the paper's regime**" if best - r["teacher_val_loss"] >= 0.5 else "**not in the paper's regime**"
+    assert f"{r['teacher_gap']:.2f} nats/token below the best student's: {regime}" in md
     for row in r["rows"]:
         logged = [[json.loads(line)["val_ntp_loss"] for line in open(out / f"{row}-{s}" / "metrics.jsonl")
                    if "val_ntp_loss" in line] for s in seeds]
