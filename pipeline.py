@@ -37,6 +37,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from types import SimpleNamespace
@@ -196,6 +197,10 @@ def ntp_width(cfg, vocab_size):
     return width
 
 
+# seconds between the saves of a running step's record
+HEARTBEAT = 10
+
+
 class Step:
     """One unit of work. Its folder holds stage.json: the key it ran with, a random id of that run,
     whether it finished, and the seconds it took. The key hashes its settings and the run ids of the
@@ -231,17 +236,29 @@ class Step:
             record = {"key": self.key(), "run": os.urandom(8).hex(), "settings": self.settings, "done": False,
                       "seconds": 0.0}
         os.makedirs(self.folder, exist_ok=True)
-        # on disk before the run: a run killed outright (no `finally`, e.g. SIGKILL or a lost machine) then resumes
-        # rather than starts afresh, though the seconds it ran are lost
-        write_text(self.record_path, json.dumps(record, indent=1))
-        t0 = time.time()
-        # the time also counts when interrupted
+        t0, before, stop = time.time(), record["seconds"], threading.Event()
+
+        def save():
+            record["seconds"] = before + time.time() - t0
+            write_text(self.record_path, json.dumps(record, indent=1))
+
+        def heartbeat():
+            while not stop.wait(HEARTBEAT):
+                save()
+
+        # on disk before the run and every HEARTBEAT seconds of it: a run killed outright (SIGKILL, a lost machine:
+        # no `finally` runs) then resumes rather than starts afresh, its time counted
+        save()
+        beat = threading.Thread(target=heartbeat, daemon=True)
+        beat.start()
         try:
             self.run(self.folder)
             record["done"] = True
         finally:
-            record["seconds"] += time.time() - t0
-            write_text(self.record_path, json.dumps(record, indent=1))
+            # the last word is this one's, not a heartbeat's in flight
+            stop.set()
+            beat.join()
+            save()
 
 
 def make_steps(cfg):

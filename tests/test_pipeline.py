@@ -278,20 +278,21 @@ def test_pipeline_bad_settings(tmp_path, monkeypatch):
 
 
 def test_pipeline_killed_then_interrupted_then_resumed(tmp_path):
-    args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=100")
+    args = small_args(tmp_path, "--stage=teacher", "--teacher_iters=300")
     run("pipeline.py", *small_args(tmp_path, "--stage=prepare"), cwd=tmp_path)
     ckpt, record = tmp_path / "out" / "teacher" / "ckpt.pt", tmp_path / "out" / "teacher" / "stage.json"
 
-    def start_and_stop_at_a_new_checkpoint(sig):
+    def seconds():
+        return json.loads(record.read_text())["seconds"] if record.exists() else 0.0
+
+    def start_and_stop(sig, ready):
         # SIGINT restored to its default: a shell starts background jobs with it ignored, and so would the pipeline
         proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "pipeline.py"), *args], cwd=tmp_path,
                                 start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"},
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        before = ckpt.stat().st_mtime_ns if ckpt.exists() else None
         deadline = time.time() + 60
-        while (not ckpt.exists() or ckpt.stat().st_mtime_ns == before) and time.time() < deadline \
-                and proc.poll() is None:
+        while not ready() and time.time() < deadline and proc.poll() is None:
             time.sleep(0.02)
         # SIGKILL: no handler runs (a lost machine); SIGINT: what Ctrl-C does, to the whole foreground group
         os.killpg(proc.pid, sig)
@@ -299,19 +300,22 @@ def test_pipeline_killed_then_interrupted_then_resumed(tmp_path):
         assert proc.returncode != 0
         return out, err, torch.load(ckpt, weights_only=True)["step"]
 
-    _, _, killed_at = start_and_stop_at_a_new_checkpoint(signal.SIGKILL)
-    assert json.loads(record.read_text())["done"] is False
-    out, err, stopped_at = start_and_stop_at_a_new_checkpoint(signal.SIGINT)
-    # the killed run's checkpoint was resumed, not thrown away
-    assert "--init_from=resume" in out and "interrupted" in err and 0 < killed_at < stopped_at < 100
-    assert json.loads(record.read_text())["done"] is False
+    # killed once the step's record has counted some of its time (pipeline.HEARTBEAT)
+    _, _, killed_at = start_and_stop(signal.SIGKILL, lambda: ckpt.exists() and seconds() >= pipeline.HEARTBEAT)
+    counted = seconds()
+    assert json.loads(record.read_text())["done"] is False and counted >= pipeline.HEARTBEAT
+    first = ckpt.stat().st_mtime_ns
+    out, err, stopped_at = start_and_stop(signal.SIGINT, lambda: ckpt.stat().st_mtime_ns != first)
+    # the killed run's checkpoint and time were resumed, not thrown away
+    assert "--init_from=resume" in out and "interrupted" in err and 0 < killed_at < stopped_at < 300
+    assert json.loads(record.read_text())["done"] is False and seconds() > counted
 
     resumed = run("pipeline.py", *args, cwd=tmp_path)
     assert "--init_from=resume" in resumed.stdout and "teacher" in resumed.stdout
     assert json.loads(record.read_text())["done"] is True
     steps = [json.loads(line)["step"] for line in open(tmp_path / "out" / "teacher" / "metrics.jsonl")
              if "val_loss" in line]
-    assert steps == list(range(0, 101, 10))  # every validation once: nothing lost or repeated across the stops
+    assert steps == list(range(0, 301, 10))  # every validation once: nothing lost or repeated across the stops
 
 
 def test_pipeline_killed_anywhere_and_told_it_runs_without_avx512_ends_with_the_same_bits(small_run, tmp_path):
