@@ -244,7 +244,11 @@ class Step:
 
         def heartbeat():
             while not stop.wait(HEARTBEAT):
-                save()
+                # a failed save (a full disk) costs only the time counted; the run itself says what failed
+                try:
+                    save()
+                except OSError:
+                    pass
 
         # on disk before the run and every HEARTBEAT seconds of it: a run killed outright (SIGKILL, a lost machine:
         # no `finally` runs) then resumes rather than starts afresh, its time counted

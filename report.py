@@ -190,10 +190,10 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
         topic_words = set(topic_words)
         row.update(sae_latent=latent, sae_correlation=latent_corr,
                    corpus_rate=sum(w in topic_words for w in corpus_words) / len(corpus_words))
-    strongest = scales[-1]
+    strongest = max(scales, key=lambda c: c[1])
     best = max(found, key=lambda row: row[strongest[2]] - row["rate"])
     example = {"topic": best["topic"], "plain": texts[(None, None, None)][0],
-               "steered": texts[(best["concept"], strongest[0], strongest[1])][0]}
+               "steered": texts[(best["concept"], strongest[0], strongest[1])][0], "condition": f"×{strongest[1]:g}"}
     return {"steering": rows, "steering_effect": effect, "steering_example": example, "steering_prompts": prompts,
             "correlation_noise": 3 / positions ** 0.5, "steering_columns": [c for _, _, c in steers]}
 
@@ -247,6 +247,7 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
     for latent in progress(chosen, desc="steering", unit="concept"):
         for who in ("student", "teacher"):
             rows.append({"concept": latent, "model": who, "condition": "none", **measured(latent, plain[who])})
+        steered = {}
         for v in scales:
             y_student = generate(student, steer={latent: v})
             rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}", **measured(latent, y_student)})
@@ -258,8 +259,8 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
                 hook.remove()
             rows.append({"concept": latent, "model": "teacher", "condition": f"×{v:g}",
                          **measured(latent, y_teacher)})
-        examples.append({"concept": latent, "condition": f"×{scales[-1]:g}",
-                         "student": tok.decode(y_student[0].tolist()), "teacher": tok.decode(y_teacher[0].tolist())})
+            steered[v] = {who: tok.decode(y[0].tolist()) for who, y in (("student", y_student), ("teacher", y_teacher))}
+        examples.append({"concept": latent, "condition": f"×{max(scales):g}", **steered[max(scales)]})
         for v in adds:
             rows.append({"concept": latent, "model": "student", "condition": f"+{v:g}",
                          **measured(latent, generate(student, steer={latent: v}, steer_mode="add"))})
@@ -394,12 +395,11 @@ def markdown(r):
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
         f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
         "",
-        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}, {r['teacher_gap']:.2f} nats/token "
-        f"below the best student's: "
-        + (f"**in the paper's regime** (a teacher far stronger than every student: at least {REGIME_GAP} below)"
-           if r["teacher_gap"] >= REGIME_GAP else
-           f"**not in the paper's regime**, where the teacher is far stronger than every student (here: at least "
-           f"{REGIME_GAP} below)") + f". SAE on its block {s['sae_layer']} "
+        f"Teacher ({r['teacher']}): validation loss {r['teacher_val_loss']:.4f}, the best student's "
+        f"{r['teacher_val_loss'] + r['teacher_gap']:.4f}: "
+        + ("**in the paper's regime**, a teacher far stronger than every student" if r["teacher_gap"] >= REGIME_GAP
+           else "**not in the paper's regime**, where the teacher is far stronger than every student")
+        + f" (its loss at least {REGIME_GAP} nats/token below every student's). SAE on its block {s['sae_layer']} "
         f"({s['n_concepts']} latents, k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained "
         f"{pct(sae['val_fve'])}), dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed "
         f"before block {s['concept_layer']}.",
@@ -471,7 +471,7 @@ def markdown(r):
         "",
         f"One sample, no steering: `{ex['plain'][:160].strip()}`",
         "",
-        f"The same sample with the {ex['topic']} concept {titles[len(s['steer_scales'].split(',')) - 1]} (the topic "
+        f"The same sample with the {ex['topic']} concept {ex['condition']} (the topic "
         f"that scaling moved most): " + ("unchanged." if ex["steered"] == ex["plain"] else
                                          f"`{ex['steered'][:160].strip()}`"),
         "",
