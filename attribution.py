@@ -279,7 +279,7 @@ if __name__ == "__main__":
                 size = int(np.prod(shape)) * np.dtype(header["dtype"]).itemsize
                 raise SystemExit(f"error: cannot make {bin_path} ({size:,} bytes): {e.strerror or e}")
             write_header(json_path, header)
-        t0, last_save = time.time(), time.time()
+        t0, last_save, start = time.time(), time.time(), header["done"]
         bar = progress(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,
                    desc=s)
         for first in range(header["done"], n_windows, batch_size):
@@ -297,5 +297,7 @@ if __name__ == "__main__":
         bar.close()
         labels.flush()
         write_header(json_path, header)
-        print(f"{s}: {n_windows * block_size:,} tokens labelled in {label_cache} "
-              f"({n_windows * block_size / max(time.time() - t0, 1e-9):,.0f} tok/s)")
+        # the speed of this run alone: a resumed one found part of the labels done
+        made = (n_windows - start) * block_size
+        print(f"{s}: {n_windows * block_size:,} tokens labelled in {label_cache}, {made:,} of them by this run "
+              f"({made / max(time.time() - t0, 1e-9):,.0f} tok/s)")

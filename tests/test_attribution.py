@@ -166,8 +166,11 @@ def test_label_cache_round_trips_resumes_and_refuses_another_run(parts, char_dat
     (tmp / "labels" / "val.json").write_text(json.dumps({**header, "done": header["n_windows"] // 2}))
     with pytest.raises(ValueError, match="unfinished"):
         LabelCache(str(tmp / "labels"), "val", expect)
-    run("attribution.py", *args)
+    resumed = run("attribution.py", *args)
     assert (tmp / "labels" / "val.bin").read_bytes() == complete
+    left = (header["n_windows"] - header["n_windows"] // 2) * header["block_size"]
+    assert f"{header['n_windows'] * header['block_size']:,} tokens labelled in" in resumed.stdout
+    assert f", {left:,} of them by this run (" in resumed.stdout
 
     for key, value in (("block_size", 32), ("k_attr", 2), ("teacher_fingerprint", "0" * 16), ("label_source", "post")):
         with pytest.raises(ValueError, match=f"made for another run: {key}="):
