@@ -239,31 +239,32 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
             values = concepts.read_back(teacher, sae, cfg.sae_layer, y, latent, top)
         return dict(zip(("activation", "top_token_share", "perplexity"), (mean_std(v) for v in values)))
 
+    def generate_steered(latent, mode, v):
+        # the student with its concept's logit steered; the teacher writes with its latent steered, reads unsteered
+        hook = teacher.edit_block(cfg.sae_layer, steering_edit(sae, {latent: v}, mode))
+        try:
+            y_teacher = generate(teacher)
+        finally:
+            hook.remove()
+        return {"student": generate(student, steer={latent: v}, steer_mode=mode), "teacher": y_teacher}
+
     rows = []
     plain = {"student": generate(student), "teacher": generate(teacher)}
-    # the first prompt's samples, unsteered and with each concept at the largest scale: not chosen for the effect
+    # the first prompt's samples, unsteered and with each concept at the largest scale and addition: not chosen for
+    # the effect
     samples = {who: tok.decode(y[0].tolist()) for who, y in plain.items()}
     examples = []
     for latent in progress(chosen, desc="steering", unit="concept"):
         for who in ("student", "teacher"):
             rows.append({"concept": latent, "model": who, "condition": "none", **measured(latent, plain[who])})
-        steered = {}
-        for v in scales:
-            y_student = generate(student, steer={latent: v})
-            rows.append({"concept": latent, "model": "student", "condition": f"×{v:g}", **measured(latent, y_student)})
-            # the teacher writes with its latent steered, and reads back unsteered
-            hook = teacher.edit_block(cfg.sae_layer, steering_edit(sae, {latent: v}))
-            try:
-                y_teacher = generate(teacher)
-            finally:
-                hook.remove()
-            rows.append({"concept": latent, "model": "teacher", "condition": f"×{v:g}",
-                         **measured(latent, y_teacher)})
-            steered[v] = {who: tok.decode(y[0].tolist()) for who, y in (("student", y_student), ("teacher", y_teacher))}
-        examples.append({"concept": latent, "condition": f"×{max(scales):g}", **steered[max(scales)]})
-        for v in adds:
-            rows.append({"concept": latent, "model": "student", "condition": f"+{v:g}",
-                         **measured(latent, generate(student, steer={latent: v}, steer_mode="add"))})
+        for mode, amounts, sign in (("scale", scales, "×"), ("add", adds, "+")):
+            for v in amounts:
+                steered = generate_steered(latent, mode, v)
+                for who, y in steered.items():
+                    rows.append({"concept": latent, "model": who, "condition": f"{sign}{v:g}", **measured(latent, y)})
+                if v == max(amounts):
+                    examples.append({"concept": latent, "condition": f"{sign}{v:g}",
+                                     **{who: tok.decode(y[0].tolist()) for who, y in steered.items()}})
     return {"concepts": table, "predicted": most, "steering_measured": rows, "steering_samples": samples,
             "steering_examples": examples, "steering_prompts": [tok.decode(p) for p in x.tolist()],
             "steering_effect": {}, "steering_columns": []}
@@ -512,7 +513,8 @@ def real_text_lines(r):
         f"{s['steer_samples']} samples of {s['steer_tokens']} tokens after real prompts (the first 8 tokens of "
         f"validation windows, e.g. `{r['steering_prompts'][0].strip()}`), the same sampling noise in every row: "
         f"from the seed-1 CoCoMix student with the concept's logit scaled (×, the paper) or raised (+), and from "
-        f"the teacher with its SAE latent scaled at block {s['sae_layer']} (paper §3.2). Each text is read back by "
+        f"the teacher with its SAE latent at block {s['sae_layer']} scaled where it is active (×, paper §3.2) or "
+        f"raised by the amount at every position (+: a latent that is off turns on). Each text is read back by "
         f"the teacher and its SAE: the latent's mean activation, the share of its top tokens, and the teacher's "
         f"perplexity (fluency; lower is more fluent). Mean ± std over the samples.",
         "",
@@ -527,7 +529,7 @@ def real_text_lines(r):
     lines += [
         "",
         f"The first prompt's samples (`{r['steering_prompts'][0].strip()}`), unsteered and with each concept at the "
-        f"largest scale, the same sampling noise in each:",
+        f"largest scale and the largest addition, the same sampling noise in each:",
         "",
         f"- student, no steering: `{plain['student'].strip()}`",
         f"- teacher, no steering: `{plain['teacher'].strip()}`",

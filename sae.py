@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import files
 from files import atomic_write, progress
-from model import layer_norm
+from model import STEER_MODES, layer_norm
 
 OPENAI_SAE_URL = ("https://openaipublic.blob.core.windows.net/sparse-autoencoder/gpt2-small/"
                   "resid_post_mlp_v5_32k/autoencoders/{layer}.pt")
@@ -315,21 +315,31 @@ def download(url, check):
     return path
 
 
-def steering_edit(sae, scales):
-    """An edit h -> h' of the output of the block the SAE reads (paper §3.2 on GPT-2; Teacher.edit_block):
-    the latents in `scales` = {latent: factor} of c scaled and decoded back; the rest of the stream (other
-    latents, the SAE's error) kept."""
-    index = torch.tensor(list(scales))
-    factor = torch.tensor(list(scales.values()))
+def steering_edit(sae, amounts, mode="scale"):
+    """An edit h -> h' of the output of the block the SAE reads (paper §3.2 on GPT-2; Teacher.edit_block): the
+    latents in `amounts` = {latent: s} of c = ReLU(TopK(c_pre)) changed, the change decoded into the stream, the
+    rest of it (other latents, the SAE's error) kept:
+
+        c'_i = s * c_i      mode 'scale': where the latent is active; one that is off stays off
+        c'_i = c_i + s      mode 'add': at every position, so that a latent turns on where it was off
+        h'   = h + W_dec (c' - c) * std          (= h - decode(c) + decode(c'))
+    """
+    if mode not in STEER_MODES:
+        raise ValueError(f"mode must be one of {', '.join(STEER_MODES)}, not {mode!r}")
+    index = torch.tensor(list(amounts))
+    amount = torch.tensor(list(amounts.values()))
 
     def edit(h):
-        idx, f = index.to(h.device), factor.to(h.device)
-        # the TopK decides on fp32 pre-activations; c holds the steered entries of c = ReLU(TopK(c_pre))
+        idx, s = index.to(h.device), amount.to(h.device)
+        # the TopK decides on fp32 pre-activations
         with torch.autocast(h.device.type, enabled=False):
             c_pre, _, std = sae.encode_pre(h.float())
-            active = (c_pre.topk(sae.k, dim=-1).indices[..., None, :] == idx[:, None]).any(-1)
-            c = c_pre[..., idx].clamp(min=0) * active
-            delta = (c * (f - 1)) @ sae.decoder.weight[:, idx].t()
+            if mode == "scale":
+                active = (c_pre.topk(sae.k, dim=-1).indices[..., None, :] == idx[:, None]).any(-1)
+                change = c_pre[..., idx].clamp(min=0) * active * (s - 1)
+            else:
+                change = s.expand(*h.shape[:-1], -1)
+            delta = change @ sae.decoder.weight[:, idx].t()
         return h + (delta * std).to(h.dtype)
     return edit
 

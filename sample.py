@@ -7,6 +7,7 @@ Samples text from a trained model, steers its concepts, and inspects them.
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5,19193=-3 --show_concepts
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5 --steer_mode=add   # lift a concept: z + 5
     python sample.py --init_from=gpt2 --sae_steer --steer 12783=5         # the same on the teacher's SAE latent
+    python sample.py --init_from=gpt2 --sae_steer --steer 12783=5 --steer_mode=add   # that latent on everywhere
     python sample.py --init_from=smollm2 --sae_steer --sae=out-sae-smollm2/sae.pt --sae_layer=14 --steer 301=8
     python sample.py --out_dir=out-cocomix-69m --concept_norms            # paper Fig. 6c
 """
@@ -28,9 +29,10 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # 1.0 samples the model as is, below 1 sharper, 0 greedy
 top_k = 200  # sample among the k most likely tokens only (0: all)
 steer = ""  # concepts to scale at every position, before the TopK: '12783=5' or '12783=5,19193=-3'
+# with sae_steer the same on the SAE latent: 'scale' changes it only where it is active, 'add' at every position
 steer_mode = "scale"  # 'scale' multiplies the concept logits (paper §3.2); 'add' adds, so a negative one can rise
 show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
-sae_steer = False  # steer the (plain GPT) model's SAE latent instead: scaled at sae_layer, decoded into the stream
+sae_steer = False  # steer the (plain) model's SAE latent instead: changed at sae_layer, decoded into the stream
 sae = "openai"  # for sae_steer: an SAE file or URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's)
 sae_layer = 5  # for sae_steer: the block whose output the SAE reads
 concept_norms = False  # print the compressor-weight norm of each concept and the share below 1e-2, then exit
@@ -46,8 +48,6 @@ configure(globals(), ranges=RANGES)
 
 if steer_mode not in STEER_MODES:
     raise SystemExit(f"error: steer_mode must be one of {', '.join(STEER_MODES)}, not {steer_mode!r}")
-if sae_steer and steer_mode != "scale":
-    raise SystemExit("error: --sae_steer scales the SAE's latents; --steer_mode=add steers a CoCoMix model's concepts")
 device, dtype, autocast = device_and_autocast(device, dtype)
 torch.manual_seed(seed)
 try:
@@ -98,7 +98,7 @@ if sae_steer:
                          f"({model.n_layer} blocks of width {model.n_embd})")
     if steer:
         try:
-            model.edit_block(sae_layer, steering_edit(sae_model, parse_steer(steer, sae_model.n_concepts)))
+            model.edit_block(sae_layer, steering_edit(sae_model, parse_steer(steer, sae_model.n_concepts), steer_mode))
         except ValueError as e:
             raise SystemExit(f"error: --steer {e}")
 elif steer:

@@ -389,15 +389,14 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     check_table_against_metrics(tmp_path / "out" / RUNS, r, md, seeds=(1, 2))
     assert len(r["concepts"]) == 3 and all(0 <= row["frequency"] <= 1 for row in r["concepts"])
     steered = [row["latent"] for row in r["concepts"]]
-    # per concept: no steering for both models, x5 and x2 for both, +10 for the student
+    # per concept, both models: no steering, x5, x2, +10
     assert [(row["concept"], row["model"], row["condition"]) for row in r["steering_measured"]] == [
-        (c, m, k) for c in steered for m, k in (("student", "none"), ("teacher", "none"), ("student", "×5"),
-                                                 ("teacher", "×5"), ("student", "×2"), ("teacher", "×2"),
-                                                 ("student", "+10"))]
+        (c, m, k) for c in steered for k in ("none", "×5", "×2", "+10") for m in ("student", "teacher")]
     for row in r["steering_measured"]:
         assert row["activation"][0] >= 0 and 0 <= row["top_token_share"][0] <= 1 and row["perplexity"][0] >= 1
-    # a sample of each steered concept at the largest scale (not the last listed), with the unsteered ones
-    assert [(ex["concept"], ex["condition"]) for ex in r["steering_examples"]] == [(c, "×5") for c in steered]
+    # a sample of each steered concept at the largest scale (not the last listed) and addition, with the unsteered
+    assert [(ex["concept"], ex["condition"]) for ex in r["steering_examples"]] == [
+        (c, k) for c in steered for k in ("×5", "+10")]
     for text in [*r["steering_samples"].values(), *(ex[who] for ex in r["steering_examples"] for who in
                                                      ("student", "teacher"))]:
         assert f"`{text.strip()}`".replace("\n", " ") in md

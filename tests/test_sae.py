@@ -355,3 +355,22 @@ def test_steering_hook_scales_latents_of_c_and_keeps_the_rest():
     out = steering_edit(sae, scales)(h)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(out, h)
+
+
+def test_steering_hook_adds_to_latents_at_every_position():
+    torch.manual_seed(0)
+    sae = TopKSAE(64, 24, k=5)
+    h = torch.randn(2, 7, 24) * 2
+    c_pre, c, x_hat = sae(h)
+    amounts = {int((c > 0).sum((0, 1)).argmin()): 3.0, int((c > 0).sum((0, 1)).argmax()): -0.5}
+    steered_c = c.clone()
+    for i, s in amounts.items():
+        steered_c[..., i] += s
+    _, mu, std = sae.encode_pre(h)
+    expected = h - x_hat + sae.decode(steered_c, mu, std)
+    out = steering_edit(sae, amounts, "add")(h)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    # every position moves, those where the latents were off too
+    assert ((out - h).norm(dim=-1) > 0.1).all()
+    with pytest.raises(ValueError, match="mode must be one of scale, add"):
+        steering_edit(sae, amounts, "clamp")

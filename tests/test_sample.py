@@ -134,7 +134,8 @@ def test_concepts_shown_and_their_norms(cocomix_ckpt):
 
 def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     """The SAE's latent 5 made loud: always active (encoder row 0, bias 1e3), its decoder column 1e3 u. Scaled by 8,
-    the hook adds 7e6 u std(h) to block 0's output, and greedy decoding emits token q at every step."""
+    the hook adds 7e6 u std(h) to block 0's output, and greedy decoding emits token q at every step. Then made
+    silent (bias -1e3): scaling it changes nothing, adding 8 adds 8e3 u std(h), and q again at every step."""
     teacher = torch.load(concept_parts / "teacher" / "ckpt.pt", weights_only=True)
     args = ["--sae_steer", f"--sae={tmp_path / 'sae.pt'}", "--sae_layer=0", "--max_new_tokens=60", "--temperature=0"]
     sd = torch.load(concept_parts / "sae" / "sae.pt", weights_only=True)
@@ -149,6 +150,11 @@ def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     assert sample(concept_parts / "teacher", *args, "--steer", "5=1", env=machine).stdout == plain
     loud = sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout
     assert loud == "the " + tokenizer.decode([q]) * 60 + "\n---------------\n" != plain
+    # the latent off everywhere (bias -1e3): scaling leaves it off, adding turns it on at every position
+    sd["latent_bias"][5] = -1e3
+    torch.save(sd, tmp_path / "sae.pt")
+    assert sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout == plain
+    assert sample(concept_parts / "teacher", *args, "--steer", "5=8", "--steer_mode=add", env=machine).stdout == loud
 
 
 @pytest.mark.parametrize("args, message", [
