@@ -361,6 +361,24 @@ def metrics(out, aux):
     return torch.stack([v.detach().double() for v in values])
 
 
+# validation reads the same batches every time: what the teacher adds to them (KD's logits, online labels, its
+# hidden states) is computed at the first validation and kept in host memory, where all of it fits in this many bytes
+VAL_KEEP_BYTES = 4 * 2**30
+val_kept = {}
+
+
+def val_batch(k, window_ids):
+    """get_batch of validation batch k, the teacher's part of it kept from the first validation where it fits."""
+    if k in val_kept:
+        x, y, aux = val_kept[k]
+        return x, y, {name: to_device(t) for name, t in aux.items()}
+    x, y, aux = get_batch("val", window_ids)
+    size = sum(t.numel() * t.element_size() for t in aux.values()) * len(range(rank, eval_iters, world_size))
+    if (teacher_model is not None or labeler is not None) and size <= VAL_KEEP_BYTES:
+        val_kept[k] = (x, y, {name: t.cpu() for name, t in aux.items()})
+    return x, y, aux
+
+
 @torch.no_grad()
 def estimate_val():
     """Mean metrics over eval_iters fixed batches spread through val.bin, shared out among processes."""
@@ -368,7 +386,7 @@ def estimate_val():
     ids = torch.linspace(0, n_windows["val"] - 1, eval_iters * batch_size).long().view(eval_iters, batch_size)
     sums = torch.zeros(len(METRICS), dtype=torch.float64, device=device)
     for k in range(rank, eval_iters, world_size):
-        x, y, aux = get_batch("val", ids[k].tolist())
+        x, y, aux = val_batch(k, ids[k].tolist())
         with autocast:
             out = model(x, y, **aux)
         sums += metrics(out, aux)

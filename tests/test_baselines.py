@@ -2,12 +2,15 @@
 residual slot beyond the paper, and additive steering."""
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from attribution import ConceptLabeler
-from conftest import cocomix_args, run, train_args
+from conftest import ROOT, cocomix_args, run, train_args
 from model import GPT, GPTConfig, hidden_state_loss, kd_loss
 from test_attribution import tiny_sae, tiny_teacher
 from test_cocomix import cocomix, greedy_by_recomputation
@@ -161,6 +164,41 @@ def test_kd_with_lam_kd_zero_trains_exactly_like_ntp(char_data, concept_parts, t
     keys = ("step", "train_loss", "train_ntp_loss", "val_loss", "val_ntp_loss")
     assert [{k: m[k] for k in keys if k in m} for m in ntp] == [{k: m[k] for k in keys if k in m} for m in kd]
     assert all(m["train_kd_loss"] > 0 for m in kd if "train_kd_loss" in m)
+
+
+# train.py with Teacher.forward counted: prints how many times the teacher ran
+COUNT_TEACHER = """
+import atexit, runpy, sys, teacher
+calls = []
+forward = teacher.Teacher.forward
+teacher.Teacher.forward = lambda self, idx: calls.append(1) or forward(self, idx)
+atexit.register(lambda: print("teacher forwards:", len(calls)))
+sys.argv[0] = "train.py"
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def test_kd_validation_runs_the_teacher_once_per_batch_and_scores_as_if_afresh(char_data, concept_parts, tmp_path):
+    """Validation reads the same batches every time, so the teacher's logits of each are computed once in a run;
+    a run resumed halfway, which computes them afresh at its first validation, logs the same metrics to the bit.
+    A constant learning rate, so that the halves' max_iters do not change the schedule."""
+    def train(out, *extra):
+        args = train_args(char_data, out, objective="kd", teacher=concept_parts / "teacher", eval_interval=2,
+                          eval_iters=3, warmup_frac=0, min_lr_frac=1)
+        proc = subprocess.run([sys.executable, "-c", COUNT_TEACHER, *map(str, args), *extra], cwd=ROOT,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout.rsplit("teacher forwards:", 1)[1])
+
+    # 128 tokens per forward, 256 per step: 2 teacher forwards a step, and one per validation batch
+    assert train(tmp_path / "whole", "--max_iters=8") == 8 * 2 + 3
+    assert train(tmp_path / "halves", "--max_iters=4") == 4 * 2 + 3
+    assert train(tmp_path / "halves", "--max_iters=8", "--init_from=resume") == 4 * 2 + 3
+    whole, halves = read(tmp_path / "whole"), read(tmp_path / "halves")
+    assert [m["step"] for m in whole if "val_kd_loss" in m] == [0, 2, 4, 6, 8]
+    # the validations after the first of each half: kept logits in one, recomputed in the other
+    assert [{k: v for k, v in m.items() if k != "tok_per_s"} for m in whole] == \
+        [{k: v for k, v in m.items() if k != "tok_per_s"} for m in halves]
 
 
 @pytest.mark.parametrize("objective, extra", [("pause", {}), ("pause_kd", {}), ("hidden", {"hidden_loss": "cosine"}),
