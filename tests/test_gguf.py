@@ -49,7 +49,8 @@ def write_gguf(path, lm, folder, permute=True):
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    # transformers 5 keeps the RoPE base in rope_parameters, 4.x as rope_theta
+    writer.add_rope_freq_base(cfg.rope_parameters["rope_theta"] if hasattr(cfg, "rope_parameters") else cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     # a byte-level BPE ("gpt2"): the pieces by id, spelled in GPT-2's byte alphabet as tokenizer.json spells them
     spec = json.loads((folder / "tokenizer.json").read_text())
