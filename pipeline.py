@@ -89,8 +89,8 @@ eval_interval = 30  # steps between validation losses (the report's curves) and 
 eval_iters = 10  # validation batches per evaluation
 steer_samples = 16  # generations per steering condition
 steer_tokens = 100  # tokens per generation
-steer_scales = "5,10"  # concept-logit scales compared with no steering (paper §3.2)
-steer_adds = "10"  # concept-logit additions compared with no steering (they can lift a negative logit)
+steer_scales = "5,10"  # scales of the student's concept logit and the teacher's SAE latent, against none (§3.2)
+steer_adds = "10"  # additions to them at every position (a negative logit rises, a latent that is off turns on)
 inspect_concepts = 8  # a corpus of your own: the SAE latents (those that fire most) whose top contexts the report shows
 steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concepts.py --words); empty: the 3 most used
 

@@ -203,7 +203,7 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
     the concepts the seed-1 CoCoMix student predicts most; and steering measured. For each concept steered
     (steer_concepts, or the three latents that fire most), samples after real prompts (the first 8 tokens
     of steer_samples validation windows), from the student with the concept's logit scaled or raised and from
-    the teacher with its SAE latent scaled (paper §3.2), each read back by the teacher: the latent's mean
+    the teacher with its SAE latent scaled or raised (paper §3.2), each read back by the teacher: the latent's mean
     activation, the share of its top tokens, and the teacher's perplexity (the cost in fluency). `teacher`
     and its `sae` are on `device`."""
     meta = load_meta(cfg.data_dir)
@@ -250,8 +250,7 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
 
     rows = []
     plain = {"student": generate(student), "teacher": generate(teacher)}
-    # the first prompt's samples, unsteered and with each concept at the largest scale and addition: not chosen for
-    # the effect
+    # the first prompt's samples, unsteered and at the largest scale and addition: not chosen for the effect
     samples = {who: tok.decode(y[0].tolist()) for who, y in plain.items()}
     examples = []
     for latent in progress(chosen, desc="steering", unit="concept"):
@@ -493,15 +492,17 @@ def real_text_lines(r):
         "## What the concepts are",
         "",
         f"The teacher's SAE latents that fire most often on validation text (block {s['sae_layer']}), then those "
-        f"steered below: how often each fires, the tokens where it is strongest, and its top three contexts (the "
-        f"token in [brackets]). Concept i of a CoCoMix student is latent i.",
+        f"steered below: how often each fires, its strongest activation, the tokens where it is strongest, and its "
+        f"top three contexts (the token in [brackets]). Concept i of a CoCoMix student is latent i.",
         "",
-        "| latent | fires at | top tokens | top contexts |",
-        "|---|---|---|---|",
+        "| latent | fires at | strongest | top tokens | top contexts |",
+        "|---|---|---|---|---|",
     ]
     for row in r["concepts"]:
         contexts = " · ".join(f"`{c.strip()}`" for c in row["contexts"])
-        lines.append(f"| {row['latent']} | {pct(row['frequency'])} | {names[row['latent']]} | {contexts} |")
+        strongest = f"{max(v for v, _ in row['examples']):.2f}" if row["examples"] else "–"
+        lines.append(f"| {row['latent']} | {pct(row['frequency'])} | {strongest} | {names[row['latent']]} | "
+                     f"{contexts} |")
     lines += [
         "",
         "The concepts the seed-1 CoCoMix student predicts as its top-1 most often on validation text: "
@@ -514,7 +515,8 @@ def real_text_lines(r):
         f"validation windows, e.g. `{r['steering_prompts'][0].strip()}`), the same sampling noise in every row: "
         f"from the seed-1 CoCoMix student with the concept's logit scaled (×, the paper) or raised (+), and from "
         f"the teacher with its SAE latent at block {s['sae_layer']} scaled where it is active (×, paper §3.2) or "
-        f"raised by the amount at every position (+: a latent that is off turns on). Each text is read back by "
+        f"raised by the amount at every position (+, in the latent's units: its strongest activation is in the "
+        f"table above; a positive amount turns on a latent that is off). Each text is read back by "
         f"the teacher and its SAE: the latent's mean activation, the share of its top tokens, and the teacher's "
         f"perplexity (fluency; lower is more fluent). Mean ± std over the samples.",
         "",

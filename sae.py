@@ -321,23 +321,24 @@ def steering_edit(sae, amounts, mode="scale"):
     rest of it (other latents, the SAE's error) kept:
 
         c'_i = s * c_i      mode 'scale': where the latent is active; one that is off stays off
-        c'_i = c_i + s      mode 'add': at every position, so that a latent turns on where it was off
+        c'_i = c_i + s      mode 'add': at every position, so that a positive s turns on a latent that was off
         h'   = h + W_dec (c' - c) * std          (= h - decode(c) + decode(c'))
     """
     if mode not in STEER_MODES:
         raise ValueError(f"mode must be one of {', '.join(STEER_MODES)}, not {mode!r}")
     index = torch.tensor(list(amounts))
-    amount = torch.tensor(list(amounts.values()))
+    amount = torch.tensor(list(amounts.values()), dtype=torch.float32)
 
     def edit(h):
         idx, s = index.to(h.device), amount.to(h.device)
         # the TopK decides on fp32 pre-activations
         with torch.autocast(h.device.type, enabled=False):
-            c_pre, _, std = sae.encode_pre(h.float())
             if mode == "scale":
+                c_pre, _, std = sae.encode_pre(h.float())
                 active = (c_pre.topk(sae.k, dim=-1).indices[..., None, :] == idx[:, None]).any(-1)
                 change = c_pre[..., idx].clamp(min=0) * active * (s - 1)
             else:
+                std = sae.normalize(h.float())[2]
                 change = s.expand(*h.shape[:-1], -1)
             delta = change @ sae.decoder.weight[:, idx].t()
         return h + (delta * std).to(h.dtype)

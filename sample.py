@@ -28,11 +28,10 @@ num_samples = 3  # how many samples
 max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # 1.0 samples the model as is, below 1 sharper, 0 greedy
 top_k = 200  # sample among the k most likely tokens only (0: all)
-steer = ""  # concepts to scale at every position, before the TopK: '12783=5' or '12783=5,19193=-3'
-# with sae_steer the same on the SAE latent: 'scale' changes it only where it is active, 'add' at every position
-steer_mode = "scale"  # 'scale' multiplies the concept logits (paper §3.2); 'add' adds, so a negative one can rise
+steer = ""  # concepts (or sae_steer's latents) to steer at every position: '12783=5' or '12783=5,19193=-3'
+steer_mode = "scale"  # 'scale' multiplies (paper §3.2), 'add' adds: a concept's logit before the TopK, or the latent
 show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
-sae_steer = False  # steer the (plain) model's SAE latent instead: changed at sae_layer, decoded into the stream
+sae_steer = False  # steer the (plain) model's SAE latent at sae_layer instead: scaled where active, or added to
 sae = "openai"  # for sae_steer: an SAE file or URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's)
 sae_layer = 5  # for sae_steer: the block whose output the SAE reads
 concept_norms = False  # print the compressor-weight norm of each concept and the share below 1e-2, then exit

@@ -362,7 +362,8 @@ def metrics(out, aux):
 
 
 # validation reads the same batches every time: what the teacher adds to them (KD's logits, online labels, its
-# hidden states) is computed at the first validation and kept in host memory, where all of it fits in this many bytes
+# hidden states) is computed at the first validation and kept in host memory where a process' share of it fits in
+# this many bytes (pinned on CUDA, so that each later copy to the GPU reads it as it is)
 VAL_KEEP_BYTES = 4 * 2**30
 val_kept = {}
 
@@ -375,7 +376,7 @@ def val_batch(k, window_ids):
     x, y, aux = get_batch("val", window_ids)
     size = sum(t.numel() * t.element_size() for t in aux.values()) * len(range(rank, eval_iters, world_size))
     if (teacher_model is not None or labeler is not None) and size <= VAL_KEEP_BYTES:
-        val_kept[k] = (x, y, {name: t.cpu() for name, t in aux.items()})
+        val_kept[k] = (x, y, {name: t.cpu().pin_memory() if device_type == "cuda" else t for name, t in aux.items()})
     return x, y, aux
 
 

@@ -166,16 +166,23 @@ def test_kd_with_lam_kd_zero_trains_exactly_like_ntp(char_data, concept_parts, t
     assert all(m["train_kd_loss"] > 0 for m in kd if "train_kd_loss" in m)
 
 
-# train.py with Teacher.forward counted: prints how many times the teacher ran
+# train.py with the teacher's forwards counted (KD's logits, its hidden states and the labeler all run head_input)
 COUNT_TEACHER = """
 import atexit, runpy, sys, teacher
 calls = []
-forward = teacher.Teacher.forward
-teacher.Teacher.forward = lambda self, idx: calls.append(1) or forward(self, idx)
+head_input = teacher.GPTTeacher.head_input
+teacher.GPTTeacher.head_input = lambda self, idx: calls.append(1) or head_input(self, idx)
 atexit.register(lambda: print("teacher forwards:", len(calls)))
 sys.argv[0] = "train.py"
 runpy.run_path("train.py", run_name="__main__")
 """
+
+
+def count_teacher(args):
+    proc = subprocess.run([sys.executable, "-c", COUNT_TEACHER, *map(str, args)], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return int(proc.stdout.rsplit("teacher forwards:", 1)[1])
 
 
 def test_kd_validation_runs_the_teacher_once_per_batch_and_scores_as_if_afresh(char_data, concept_parts, tmp_path):
@@ -183,12 +190,8 @@ def test_kd_validation_runs_the_teacher_once_per_batch_and_scores_as_if_afresh(c
     a run resumed halfway, which computes them afresh at its first validation, logs the same metrics to the bit.
     A constant learning rate, so that the halves' max_iters do not change the schedule."""
     def train(out, *extra):
-        args = train_args(char_data, out, objective="kd", teacher=concept_parts / "teacher", eval_interval=2,
-                          eval_iters=3, warmup_frac=0, min_lr_frac=1)
-        proc = subprocess.run([sys.executable, "-c", COUNT_TEACHER, *map(str, args), *extra], cwd=ROOT,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
-        return int(proc.stdout.rsplit("teacher forwards:", 1)[1])
+        return count_teacher([*train_args(char_data, out, objective="kd", teacher=concept_parts / "teacher",
+                                          eval_interval=2, eval_iters=3, warmup_frac=0, min_lr_frac=1), *extra])
 
     # 128 tokens per forward, 256 per step: 2 teacher forwards a step, and one per validation batch
     assert train(tmp_path / "whole", "--max_iters=8") == 8 * 2 + 3
@@ -199,6 +202,14 @@ def test_kd_validation_runs_the_teacher_once_per_batch_and_scores_as_if_afresh(c
     # the validations after the first of each half: kept logits in one, recomputed in the other
     assert [{k: v for k, v in m.items() if k != "tok_per_s"} for m in whole] == \
         [{k: v for k, v in m.items() if k != "tok_per_s"} for m in halves]
+
+
+@pytest.mark.parametrize("objective", ["hidden", "cocomix"])
+def test_online_labels_and_hidden_states_of_validation_are_computed_once(char_data, concept_parts, tmp_path, objective):
+    # 256 tokens per forward and per step: one teacher forward a step, and one per validation batch
+    args = cocomix_args(char_data, concept_parts, tmp_path / "out", objective=objective, max_iters=6, eval_interval=2,
+                        eval_iters=3)
+    assert count_teacher(args) == 6 + 3
 
 
 @pytest.mark.parametrize("objective, extra", [("pause", {}), ("pause_kd", {}), ("hidden", {"hidden_loss": "cosine"}),
