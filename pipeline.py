@@ -45,7 +45,7 @@ from types import SimpleNamespace
 # The same bits on every x86 machine, set before torch loads, here and in every stage this runs: torch's own CPU
 # kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU (its
 # products on an Intel CPU differ in the last bits from an AMD one's otherwise, also under MKL_CBWR=AVX2,STRICT;
-# the price: the CPU stages take about 1.7 times as long). A user's own settings win.
+# the price: the CPU stages take about 1.7 times as long, SmolLM2's forward 2.5 times). A user's own settings win.
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
     os.environ.update({name: value for name, value in PINS.items() if name not in os.environ})
