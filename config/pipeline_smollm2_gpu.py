@@ -1,8 +1,8 @@
 # pipeline.py in the paper's regime on one GPU: SmolLM2-135M as the teacher (checked and scored, not trained),
-# English books tokenized with its tokenizer, about 4M training tokens (e.g. 20 novels). Sized by FLOPs for about
+# English books tokenized with its tokenizer, about 4M training tokens (e.g. 28 novels). Sized by FLOPs for about
 # 10 minutes of one H100 at 25 TFLOP/s: labels 4M tokens x 0.54 GFLOPs, 18 students of 4.1M tokens x 0.1 GFLOPs,
 # KD's teacher forward 3 x 4.1M tokens x 0.28 GFLOPs; not yet timed on a GPU.
-# python pipeline.py config/pipeline_smollm2_gpu.py --data_dir=data/books-smollm2 --out_dir=out-smollm2-gpu
+# python pipeline.py config/pipeline_smollm2_gpu.py --data_dir=data/books28-smollm2 --out_dir=out-smollm2-gpu
 teacher = "smollm2"
 n_layer = 6  # the students
 n_head = 4
