@@ -1,6 +1,6 @@
 # pipeline.py on a corpus of your own with GPT-2's BPE, sized for one H100 and about 12M training tokens (e.g. the
 # 51 novels of a Gutenberg shelf). Sized by FLOPs for about 20 minutes (teacher 39M tokens, 9 students of 20M
-# each at ~50 TFLOP/s); not yet timed on a GPU: the README's Real text section says what was measured where.
+# each at ~50 TFLOP/s); not yet timed on a GPU: docs/books.md says what was measured where.
 # python pipeline.py config/pipeline_gpu.py --data_dir=data/books --out_dir=out-books-gpu
 n_layer = 6
 n_head = 8
