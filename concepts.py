@@ -61,7 +61,7 @@ def scan(teacher, sae, sae_layer, x, top, batch=8):
     return (fired, *top_activations(chunks(), top))
 
 
-def inspect(teacher, sae, sae_layer, tokens, block_size, n_latents=8, top=5, limit=64, batch=8, also=()):
+def inspect(teacher, sae, sae_layer, tokens, block_size, n_latents=8, top=5, limit=256, batch=8, also=()):
     """The `n_latents` latents that fire most often over `limit` windows of `tokens` (validation text), then
     the latents `also` names, each with its firing frequency and its `top` activations:
     [{latent, frequency, examples: [(value, position)]}]. Positions index the flattened windows."""
@@ -98,7 +98,7 @@ def about(values, rows, tokens, token_ids):
 
 
 @torch.no_grad()
-def predicted(model, tokens, block_size, n=8, limit=64, batch=8):
+def predicted(model, tokens, block_size, n=8, limit=256, batch=8):
     """The (up to) n concepts a CoCoMix student predicts as its top-1 most often over `limit` windows, with the
     share of positions each: [(concept, share)]."""
     x = windows(tokens, block_size, limit).to(next(model.parameters()).device)
