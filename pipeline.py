@@ -387,6 +387,9 @@ def make_steps(cfg):
             students.append(Step(f"{name}-{seed}", "students", folder, needs, step_settings,
                                  outputs=exists(os.path.join(folder, "ckpt.pt"), os.path.join(folder, "metrics.jsonl")),
                                  run=student(seed, model)))
+    # the rows that run the teacher at every step take longest (a pretrained teacher's forward is most of their step):
+    # they start first, so that the others fill in beside them rather than one of them running alone at the end
+    students.sort(key=lambda s: s.settings.get("objective") not in ("kd", "pause_kd", "hidden"))
 
     before_report = [prepare, teacher, sae, *label_steps, *students]
     # one report per choice of rows, so that the default run and a study of the same students keep theirs

@@ -250,6 +250,11 @@ def test_pipeline_end_to_end(small_run):
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report-all" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "[19/19] report" in proc.stdout
+    # the rows that run the teacher at every step start first, then the others, each in the order of the rows
+    started = re.findall(r"\] (\S+) \(log: ", proc.stdout)
+    assert started == ["kd-1", "pause_kd-1", "hidden_l1-1", "hidden_l2-1", "hidden_cosine-1", "ntp-1", "cocomix-1",
+                       "pause-1", "activation-1", "insertion_only-1", "prediction_only-1", "intervention-1",
+                       "residual_slot-1"]
     # two students at a time (jobs=2): each logs to its folder, not to the pipeline's output
     assert (out / "kd-1" / "log.txt").read_text().startswith("$ python train.py --out_dir=")
     assert "val_kd_loss" in (out / "kd-1" / "log.txt").read_text() and "val_kd_loss" not in proc.stdout
