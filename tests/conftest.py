@@ -5,7 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+# two workers on two cores (pytest.ini), one thread each, as the scripts the tests start run (`run` below): a
+# second thread would wait on a core the other worker holds, and a small model's every op with it
+torch.set_num_threads(1)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # what tells torch, MKL, oneDNN and FBGEMM to run as on an x86 CPU without AVX-512
 AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2",

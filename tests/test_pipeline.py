@@ -171,7 +171,7 @@ SMALL = ["--corpus_chars=60000", "--n_layer=2", "--n_head=1", "--n_embd=48", "--
          "--batch_tokens=512",
          "--teacher_iters=30", "--sae_layer=0", "--n_concepts=64", "--sae_k=4", "--sae_iters=20", "--concept_layer=1",
          "--concept_topk=4", "--student_iters=20", "--eval_interval=10", "--eval_iters=2", "--seeds=1",
-         "--steer_samples=2", "--steer_tokens=24", "--variants=all"]
+         "--steer_samples=2", "--steer_tokens=24", "--variants=all", "--threads=1"]
 RUNS = "2x48-c1-20it"  # the students' folder: their shape, concept layer and steps
 
 
