@@ -97,6 +97,22 @@ def about(values, rows, tokens, token_ids):
     return share.masked_fill((values <= 0).any(0), float("nan"))
 
 
+def latents_about(values, rows, tokens, tok, groups):
+    """For each group of words, the latent whose top activations (top_activations' values and rows over the
+    flattened windows `tokens`) fall on them most (about): a list of latent numbers, one per group. A ValueError
+    where a group has no token of the vocabulary or no latent's top activations fall on it."""
+    chosen = []
+    for words in groups:
+        token_ids = word_tokens(tok, words)
+        if not token_ids:
+            raise ValueError(f"none of {' '.join(words)!r} is a token of this corpus' vocabulary")
+        share = about(values, rows, tokens, token_ids).nan_to_num(-1)
+        if share.max() <= 0:
+            raise ValueError(f"no latent has one of its top activations on {' '.join(words)!r}")
+        chosen.append(int(share.argmax()))
+    return chosen
+
+
 @torch.no_grad()
 def predicted(model, tokens, block_size, n=8, limit=256, batch=8):
     """The (up to) n concepts a CoCoMix student predicts as its top-1 most often over `limit` windows, with the

@@ -43,9 +43,10 @@ from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
 # The same bits on every x86 machine, set before torch loads, here and in every stage this runs: torch's own CPU
-# kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU (its
-# products on an Intel CPU differ in the last bits from an AMD one's otherwise, also under MKL_CBWR=AVX2,STRICT;
-# the price: the CPU stages take about 1.7 times as long, SmolLM2's forward 2.5 times). A user's own settings win.
+# kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU. MKL takes
+# another path on AMD CPUs whatever else it is told, and under MKL_CBWR=AVX2,STRICT an (emulated) AMD Rome still
+# sums some products otherwise than an Intel CPU (docs/reproducibility.md). The price: bench.py --measure=pins
+# (about 1.7 times the CPU stages' time, SmolLM2's forward 2.5 times). A user's own settings win.
 PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
 if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
     os.environ.update({name: value for name, value in PINS.items() if name not in os.environ})
@@ -92,7 +93,8 @@ steer_tokens = 100  # tokens per generation
 steer_scales = "5,10"  # scales of the student's concept logit and the teacher's SAE latent, against none (§3.2)
 steer_adds = "10"  # additions to them at every position (a negative logit rises, a latent that is off turns on)
 inspect_concepts = 8  # a corpus of your own: the SAE latents (those that fire most) whose top contexts the report shows
-steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concepts.py --words); empty: the 3 most used
+steer_concepts = ""  # your own corpus: latents to steer, e.g. '12,873' (concepts.py --words); empty: by steer_words
+steer_words = ""  # without steer_concepts: 'sea ship; war battle' steers per group the latent on its words most
 
 # the range of each numeric setting, checked before any work; a bound may name another setting
 RANGES = {
@@ -397,7 +399,7 @@ def make_steps(cfg):
     report_folder = os.path.join(students_dir, f"report-{chosen}" if chosen else "report")
     report_step = Step("report", "report", report_folder, [teacher, sae, *label_steps, *students],
                        settings("steer_samples", "steer_tokens", "steer_scales", "steer_adds", "inspect_concepts",
-                                "steer_concepts"),
+                                "steer_concepts", "steer_words"),
                        outputs=exists(*report.paths(report_folder).values()), run=lambda folder: report.write_report(
                            cfg, students_dir, folder, {s.name: s.record()["seconds"] for s in before_report},
                            {v: VARIANTS[v] for v in variants}, built_in(cfg)))
@@ -422,6 +424,9 @@ def main():
     except ValueError:
         raise SystemExit(f"error: steer_concepts must be concept indices in [0, {cfg.n_concepts}) separated by "
                          f"commas, e.g. '12,873', not {cfg.steer_concepts!r}") from None
+    if cfg.steer_words and not all(group.split() for group in cfg.steer_words.split(";")):
+        raise SystemExit(f"error: steer_words must be groups of words separated by ';', e.g. 'sea ship; war battle', "
+                         f"not {cfg.steer_words!r}")
     variants = chosen_variants(cfg)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or len(set(variants)) < len(variants):

@@ -201,16 +201,23 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
 def real_text(cfg, students_dir, device, autocast, teacher, sae):
     """On a corpus of the user's: the teacher's SAE latents that fire most, with their top tokens and contexts;
     the concepts the seed-1 CoCoMix student predicts most; and steering measured. For each concept steered
-    (steer_concepts, or the three latents that fire most), samples after real prompts (the first 8 tokens
-    of steer_samples validation windows), from the student with the concept's logit scaled or raised and from
-    the teacher with its SAE latent scaled or raised (paper §3.2), each read back by the teacher: the latent's mean
-    activation, the share of its top tokens, and the teacher's perplexity (the cost in fluency). `teacher`
-    and its `sae` are on `device`."""
+    (steer_concepts; else per group of steer_words the latent whose top 20 activations over 320 validation
+    windows fall on its words most, as concepts.py --words ranks them; else the 3 latents that fire most),
+    samples after real prompts (the first 8 tokens of steer_samples validation windows), from the student with
+    the concept's logit scaled or raised and from the teacher with its SAE latent scaled or raised (paper §3.2),
+    each read back by the teacher: the latent's mean activation, the share of its top tokens, and the teacher's
+    perplexity (the cost in fluency). `teacher` and its `sae` are on `device`."""
     meta = load_meta(cfg.data_dir)
     tok = Tokenizer(meta)
     val = np.memmap(os.path.join(cfg.data_dir, "val.bin"), dtype=meta["dtype"], mode="r")
     student = GPT.from_checkpoint(load_checkpoint(os.path.join(students_dir, "cocomix-1"))).to(device).eval()
     chosen = [int(i) for i in cfg.steer_concepts.split(",") if i]
+    if not chosen and cfg.steer_words:
+        with autocast:
+            x = concepts.windows(val, cfg.block_size, 320)
+            _, values, rows = concepts.scan(teacher, sae, cfg.sae_layer, x, top=20)
+        chosen = concepts.latents_about(values, rows, x.flatten().numpy(), tok,
+                                        [group.split() for group in cfg.steer_words.split(";")])
     with autocast:
         table = concepts.inspect(teacher, sae, cfg.sae_layer, val, cfg.block_size, n_latents=cfg.inspect_concepts,
                                  top=10, also=chosen)

@@ -1,4 +1,4 @@
-# pipeline.py in the paper's regime on a 2-core CPU, in one sitting: a pretrained teacher (SmolLM2-135M, 30 blocks
+# pipeline.py in the paper's regime on a 2-core CPU: a pretrained teacher (SmolLM2-135M, 30 blocks
 # of width 576, trained on about 2T tokens) that knows far more than its students, on an English novel tokenized
 # with its own tokenizer (about 67k training tokens, a 41k-token novel held out). The teacher is not trained: its
 # stage checks it against the corpus and scores it. SmolLM2's forward dominates every stage under the pipeline's
@@ -30,3 +30,5 @@ eval_iters = 5
 steer_samples = 64
 steer_tokens = 32
 inspect_concepts = 16
+# the latents steered: per group, the one whose top activations fall on its words most (found after the SAE stage)
+steer_words = "door doors window; night midnight evening; fog cold damp shadow gloom"

@@ -1,5 +1,6 @@
 """concepts.py's measurements on real text, each against a brute-force computation."""
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,10 @@ def test_word_tokens_and_about_against_counting_by_hand():
     # latent 0's top four at rows 1, 2, 3, 6: two on sea words; latent 1's at rows 5, 3, 2, 1: three;
     # latent 2 fires once, fewer than four times
     assert share[0] == 0.5 and share[1] == 0.75 and share[2].isnan()
+    # pipeline.py's steer_words: per group, the latent with the largest share; ' the' (rows 0, 3, 6, 7) is most of
+    # latent 0's top four (rows 1, 2, 3, 6: two), latent 1's has one (row 3)
+    assert concepts.latents_about(values, rows, tokens, tok, [["sea", "ship"], ["the"]]) == [1, 0]
+    with pytest.raises(ValueError, match="no latent"):
+        concepts.latents_about(values, rows, tokens, tok, [[","]])
+    with pytest.raises(ValueError, match="vocabulary"):
+        concepts.latents_about(values, rows, tokens, tok, [["whale"]])

@@ -21,6 +21,7 @@ import concepts
 import pipeline
 import prepare
 import report
+import teacher as teacher_module
 import topics
 from configurator import config_keys
 from conftest import AVX2_ONLY, ROOT, run, settings_and_ranges
@@ -218,7 +219,7 @@ def test_pipeline_end_to_end(small_run):
     assert r["tokens"] == [0, 5120, 10240] and r["rows"] == ["ntp", "cocomix", *pipeline.VARIANTS]
     # every x86 machine runs the same kernels, AVX-512 or not
     if platform.machine() == "x86_64" and not set(pipeline.PINS) & set(os.environ):
-        assert "torch's AVX2 kernels, MKL_CBWR=COMPATIBLE" in r["machine"]
+        assert f"torch's AVX2 kernels, MKL_CBWR={pipeline.PINS['MKL_CBWR']}" in r["machine"]
     check_table_against_metrics(out, r, md, seeds=(1,))
     for row in r["rows"]:
         accuracy = [json.loads(line).get("val_concept_top_k_attr") for line in open(out / f"{row}-1" / "metrics.jsonl")]
@@ -435,7 +436,7 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
     assert missing.returncode != 0 and "prepare.py" in missing.stderr
 
 
-def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder, llama_data):
+def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder, llama_data, monkeypatch):
     """config/pipeline_smollm2_cpu.py with a tiny random Llama in place of SmolLM2 and every size scaled down: the
     teacher stage only checks the pretrained teacher against the corpus and scores it, the SAE, labels, students
     (KD too) and report read it by its name, the report's table is the runs' metrics files, and a rerun skips
@@ -448,7 +449,8 @@ def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder,
     sizes = [a for a in SMALL[1:] if not a.startswith("--variants=")]
     args = [os.path.join(ROOT, "config", "pipeline_smollm2_cpu.py"), f"--out_dir={tmp_path / 'out'}",
             f"--data_dir={data}", f"--teacher={llama_folder}", *sizes, "--sae_layer=1", "--seeds=1",
-            "--steer_samples=2", "--steer_tokens=8", "--inspect_concepts=2", "--steer_scales=5", "--steer_adds=10"]
+            "--steer_samples=2", "--steer_tokens=8", "--inspect_concepts=2", "--steer_scales=5", "--steer_adds=10",
+            "--steer_words=night morning; ship river"]
     run("pipeline.py", *args, cwd=tmp_path)
     record = json.loads((tmp_path / "out" / "teacher" / "teacher.json").read_text())
     assert not (tmp_path / "out" / "teacher" / "ckpt.pt").exists() and record["n_embd"] == 32
@@ -466,6 +468,15 @@ def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder,
     assert r["teacher_val_loss"] == record["val_loss"] and r["rows"] == rows
     assert r["teacher_forward_flops_per_token"] == record["forward_flops_per_token"]
     assert f"{llama_folder}, pretrained" in md
+    # steer_words: per group, the latent with the most of its top 20 activations on the words, over 320 windows
+    teacher, sae = load_teacher(str(llama_folder)), TopKSAE.load(str(tmp_path / "out" / "sae" / "sae.pt"))
+    x = concepts.windows(val, 64, 320)
+    _, values, rows_of = concepts.scan(teacher, sae, 1, x, top=20)
+    tok = Tokenizer(json.loads((data / "meta.json").read_text()))
+    shares = [concepts.about(values, rows_of, x.flatten().numpy(), concepts.word_tokens(tok, words)).nan_to_num(-1)
+              for words in (["night", "morning"], ["ship", "river"])]
+    steered = list(dict.fromkeys(row["concept"] for row in r["steering_measured"]))
+    assert len(steered) == 2 and all(share[c] == share.max() > 0 for c, share in zip(steered, shares))
     check_table_against_metrics(tmp_path / "out" / RUNS, r, md, seeds=(1,))
     kd = [json.loads(line) for line in open(tmp_path / "out" / RUNS / "kd-1" / "metrics.jsonl")]
     assert kd[0]["val_kd_loss"] > 0
@@ -473,3 +484,16 @@ def test_the_smollm2_presets_scaled_down_to_a_tiny_llama(tmp_path, llama_folder,
     assert header["teacher"] == str(llama_folder)
     again = run("pipeline.py", *args, cwd=tmp_path)
     assert again.stdout.count(": done") == 4 + len(rows) + 1 and "$ python" not in again.stdout
+    # the report made again, in this process: it reads the teacher, its tokenizer and the SAE from disk once each
+    # (SmolLM2's file takes about 20 s to load)
+    shutil.rmtree(folder)
+    loads = []
+    hf_load, sae_load = teacher_module.hf_load, TopKSAE.load.__func__
+    monkeypatch.setattr(teacher_module, "hf_load", lambda loader, *a, **k: loads.append(loader.__name__) or
+                        hf_load(loader, *a, **k))
+    monkeypatch.setattr(TopKSAE, "load", classmethod(lambda cls, *a, **k: loads.append("sae") or
+                                                     sae_load(cls, *a, **k)))
+    monkeypatch.setattr(sys, "argv", ["pipeline.py", *args])
+    monkeypatch.chdir(tmp_path)
+    pipeline.main()
+    assert sorted(loads) == ["AutoModelForCausalLM", "AutoTokenizer", "sae"] and (folder / "report.md").exists()
