@@ -9,6 +9,8 @@ Speed and memory of the paper's runs, printed as tables (random weights: the fig
     python bench.py --measure=labeler --teacher=smollm2 --sae_layer=14 --batch_size=4 --block_size=256
     python bench.py --measure=nanogpt --nanogpt_dir=../nanoGPT   # NTP against nanoGPT, same shape and machine
     python bench.py --measure=bits > here.txt   # a hash of every operator's result, to diff against another CPU's
+    python bench.py --measure=pins --teacher=smollm2 --sae_layer=14 --n_concepts=2048 --batch_size=4 --block_size=128
+                                                # what pipeline.py's pins cost: pinned / unpinned, side by side
 """
 
 import json
@@ -39,9 +41,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHERS = {"tiny": (4, 4, 128, 50257), "gpt2-124m": (12, 12, 768, 50257)}
 PAIRS = ("69m", "386m", "1b")
 
-measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt' or 'bits'
+measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt', 'bits' or 'pins'
 pair = "69m"  # train: config/ntp_<pair>.py against config/cocomix_<pair>.py
-teacher = "tiny"  # labeler: 'tiny' (4 blocks, width 128), 'gpt2-124m' (random weights), or a teacher name: smollm2, ...
+teacher = "tiny"  # labeler, pins: 'tiny' (4 blocks, width 128), 'gpt2-124m' (random weights), or a name: smollm2, ...
 sae_layer = 1  # labeler: the block the SAE reads (train, memory: the config's)
 n_concepts = 32768  # labeler: C (train, memory: the config's)
 sae_k = 32  # active SAE latents per token (OpenAI's GPT-2 SAEs: 32)
@@ -55,8 +57,8 @@ device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # precision: 'auto', 'float32', 'bfloat16', 'float16' (memory on a CPU: estimated for bfloat16)
 compile = False  # train, memory: torch.compile the student (CUDA)
 nanogpt_dir = ""  # nanogpt: a karpathy/nanoGPT checkout
-runs = 5  # nanogpt: whole-process runs of each, alternating
-mode = ""  # internal: one of ntp, cached, online, measured in a fresh process so that its peak memory is its own
+runs = 5  # nanogpt, pins: whole-process runs of each, alternating
+mode = ""  # internal: ntp, cached, online (a fresh process: its own peak memory), or pins (its own environment)
 # the range of each numeric setting, checked before any work; a bound may name another setting
 RANGES = {"sae_layer": "[0, inf)", "n_concepts": "[1, inf)", "sae_k": "[1, n_concepts]", "k_attr": "[1, n_concepts]",
           "chunk_size": "[1, inf)", "batch_size": "[1, inf)", "block_size": "[1, inf)", "iters": "[1, inf)",
@@ -192,19 +194,22 @@ def estimate_peak(name, labels, batch):
     return storage_bytes(held) + live.peak
 
 
-def bench_labeler():
+def labeler_teacher():
+    """The `teacher` setting's model on `device` (a shape of TEACHERS with random weights, or a teacher name) and
+    what its weights are."""
     torch.manual_seed(0)
     if teacher in TEACHERS:
         n_layer, n_head, n_embd, vocab = TEACHERS[teacher]
-        model = as_teacher(GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                                         n_embd=n_embd)), teacher).to(device)
-        weights = "random weights"
-    else:
-        try:
-            model = load_teacher(teacher, device)
-        except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
-        weights = "its weights"
+        return as_teacher(GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=n_layer, n_head=n_head,
+                                        n_embd=n_embd)), teacher).to(device), "random weights"
+    try:
+        return load_teacher(teacher, device), "its weights"
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def bench_labeler():
+    model, weights = labeler_teacher()
     sae = TopKSAE(n_concepts, model.n_embd, sae_k).to(device)
     x, y = (torch.randint(0, model.vocab_size, (batch_size, block_size), device=device) for _ in range(2))
     labels = {}
@@ -330,15 +335,18 @@ class OperatorHashes(TorchDispatchMode):
 
 
 def bench_bits():
-    """Every operator's result, hashed, over two steps of each kind of work of the default pipeline at its shapes
-    (4 blocks of width 128, 512 concepts, 16 x 128 tokens; random weights and tokens): the teacher's NTP step, the
-    SAE's step, labelling, the CoCoMix student's step and its evaluation. Two CPUs that print the same lines
-    compute the same bits; where they differ, the first line that differs names the operator. A CPU of another
-    kind can be emulated (qemu-user): `qemu-x86_64 -cpu Haswell-v4 .venv/bin/python bench.py --measure=bits`."""
+    """Every operator's result, hashed, over two steps of each kind of work of the default pipeline at its model
+    shapes (4 blocks of width 128, 512 concepts, 128 positions; random weights and tokens) on 2 sequences: the
+    teacher's NTP step, the SAE's step, labelling, the CoCoMix student's step and its evaluation; then labels from
+    a transformers Llama. Two sequences, not the pipeline's 16, because an emulated CPU runs MKL's products about
+    6,000 times slower than this one; every product keeps the inner dimension it sums over in the pipeline.
+    Two CPUs that print the same lines compute the same bits; where they differ, the first line that differs names
+    the operator. A CPU of another kind can be emulated (qemu-user):
+    `qemu-x86_64 -cpu Haswell-v4 .venv/bin/python bench.py --measure=bits`."""
     from sae import make_optimizer, train_step
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vocab, T, B = 410, 128, 16
+    vocab, T, B = 410, 128, 2
     x, y = torch.randint(0, vocab, (B, T)), torch.randint(0, vocab, (B, T))
     with OperatorHashes():
         teacher_model = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128))
@@ -365,7 +373,75 @@ def bench_bits():
             optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():
             loss = student.eval()(x, y, concept_labels=labels).loss
-    print(f"CoCoMix student's loss after two steps: {loss.item()!r}")
+        # a transformers teacher of SmolLM2's architecture (RoPE, RMSNorm, SwiGLU, grouped-query attention),
+        # labelling as the SmolLM2 study's labels stage does
+        from transformers import LlamaConfig, LlamaForCausalLM
+        llama = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=T, tie_word_embeddings=True)).eval()
+        llama_labels = ConceptLabeler(as_teacher(llama), TopKSAE(256, 64, 16), 1, k_attr=4)(x, y)
+    print(f"CoCoMix student's loss after two steps: {loss.item()!r}; Llama labels' sum: {llama_labels.sum().item()}")
+
+
+def pins_mode():
+    """In this process, under the pins its environment holds (or none): seconds per labeller call on the teacher
+    (its forward, and its backward to sae_layer), one warm-up then `iters` timed; and seconds per training step of
+    the default pipeline's CoCoMix student (4 blocks of width 128, 512 concepts, 16 x 128 tokens, random tokens and
+    labels), one warm-up then 20 timed. Prints a JSON line."""
+    model, _ = labeler_teacher()
+    x, y = (torch.randint(0, model.vocab_size, (batch_size, block_size)) for _ in range(2))
+    labeler = ConceptLabeler(model, TopKSAE(n_concepts, model.n_embd, sae_k), sae_layer, k_attr)
+    teacher_s = timed(lambda: labeler(x, y), "cpu")[0]
+    torch.manual_seed(0)
+    vocab, T, B = 410, 128, 16
+    student = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, n_concepts=512,
+                            concept_topk=16, concept_layer=2))
+    optimizer = student.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+    xs, ys = (torch.randint(0, vocab, (B, T)) for _ in range(2))
+    labels = torch.randint(0, 512, (B, T, 4))
+
+    def step():
+        student(xs, ys, concept_labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    t0 = time.time()
+    for _ in range(20):
+        step()
+    from pipeline import PINS
+    print(json.dumps({"teacher_s": teacher_s, "student_s": (time.time() - t0) / 20,
+                      "pins": {k: os.environ.get(k) for k in PINS}}))
+
+
+def bench_pins():
+    """What the pipeline's pins (pipeline.PINS) cost on this CPU: pins_mode in fresh processes, `runs` pairs of
+    one pinned and one unpinned (neither pin in its environment), alternating which goes first; the medians of
+    the paired ratios, pinned over unpinned."""
+    from pipeline import PINS
+    if device != "cpu":
+        raise SystemExit("error: measure=pins measures CPU kernels: run it with --device=cpu on a machine with one")
+    unpinned = {k: v for k, v in os.environ.items() if k not in PINS}
+    arms = {"pinned": {**unpinned, **PINS}, "unpinned": unpinned}
+    times = {arm: [] for arm in arms}
+    print(f"the pins ({', '.join(f'{k}={v}' for k, v in PINS.items())}) against none, {runs} runs of each, "
+          f"alternating; teacher {teacher}, sae_layer {sae_layer}, {batch_size}x{block_size} tokens, {iters} labeller "
+          f"calls; CoCoMix student 4x128, 16x128 tokens, 20 steps; {torch.get_num_threads()} threads")
+    for r in range(runs):
+        for arm in list(arms)[::1 if r % 2 == 0 else -1]:
+            out = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--mode=pins"], env=arms[arm],
+                                 capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr)
+            times[arm].append(json.loads(out.stdout.strip().splitlines()[-1]))
+            if times[arm][-1]["pins"] != {k: arms[arm].get(k) for k in PINS}:
+                raise SystemExit(f"error: the {arm} process ran under {times[arm][-1]['pins']}")
+    for work, what in (("teacher_s", "teacher forward + backward to sae_layer (labeller call)"),
+                       ("student_s", "CoCoMix student training step")):
+        pinned, free = ([t[work] for t in times[arm]] for arm in arms)
+        ratios = [a / b for a, b in zip(pinned, free)]
+        print(f"  {what}: pinned {statistics.median(pinned):.4g} s, unpinned {statistics.median(free):.4g} s; "
+              f"pinned / unpinned median {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 def bench_nanogpt():
@@ -417,10 +493,12 @@ if __name__ == "__main__":
     device, dtype, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt,
-                "bits": bench_bits}
+                "bits": bench_bits, "pins": bench_pins}
     if measure not in measures:
         raise SystemExit(f"error: measure must be one of {', '.join(measures)}, not {measure!r}")
-    if mode:
+    if mode == "pins":
+        pins_mode()
+    elif mode:
         bench_train_mode()
     else:
         measures[measure]()

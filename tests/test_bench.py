@@ -1,5 +1,7 @@
 """bench.py's instruments: the live-bytes counter behind the memory estimates, and the FLOP counts behind the
 floor, each against an independent computation."""
+import re
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -11,6 +13,7 @@ from attribution import ConceptLabeler
 from bench import LiveBytes
 from conftest import AVX2_ONLY, run
 from model import GPT, GPTConfig
+from pipeline import PINS
 from sae import TopKSAE
 
 
@@ -130,11 +133,21 @@ def test_model_flops_per_token_match_a_flop_counter(concepts):
     assert model.flops_per_token() * x.numel() == pytest.approx(counter.total, rel=0.03)
 
 
+def test_the_pins_bench_runs_each_arm_under_its_own_environment():
+    """bench.py --measure=pins: each process checks it ran under the pins or none (bench_pins), and the ratio
+    printed is the pinned time over the unpinned one."""
+    out = run("bench.py", "--measure=pins", "--runs=1", "--iters=1", "--batch_size=2", "--block_size=16").stdout
+    rows = re.findall(r"pinned ([\d.e-]+) s, unpinned ([\d.e-]+) s; pinned / unpinned median ([\d.]+)", out)
+    assert len(rows) == 2 and "MKL_CBWR=" + PINS["MKL_CBWR"] in out
+    for pinned, unpinned, ratio in rows:
+        assert float(ratio) == pytest.approx(float(pinned) / float(unpinned), rel=0.01, abs=0.002)
+
+
 def test_operator_hashes_repeat_and_see_which_kernels_ran():
     """bench.py --measure=bits: the same lines on a second run, there told to run without AVX-512; other kernels
     (torch's scalar ones) change lines, and the first that differs is an operator that computes, named with its
     inputs' shapes."""
-    pins = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+    pins = PINS
     # under the pipeline's pins, told to run as on a CPU without AVX-512 too
     first, again = (run("bench.py", "--measure=bits", env={**env, **pins}).stdout.splitlines()
                     for env in ({}, AVX2_ONLY))
