@@ -583,6 +583,37 @@ class GPT(nn.Module):
         return idx, (torch.stack([v for v, _ in predicted], 1), torch.stack([i for _, i in predicted], 1))
 
 
+@torch.no_grad()
+def steer_effect(model, idx, steer, steer_mode="scale", start=0):
+    """What steering a CoCoMix model by `steer` ({concept: amount}, paper §3.2) does over sequences idx (B, T) at the
+    positions from `start` on (those that predicted sampled tokens), each concept a dict: at how many positions
+    it is among the concept_topk concepts without the steer (`before`) and with it (`after`); the amount that
+    steer_mode 'add' needs to lift it into the TopK at half the positions (`lift`, the median over positions of
+    the k-th largest other logit minus its own; 0 where it is there already); its compressor column's norm and the
+    median column's (paper Fig. 6c; None without a compressor); and, the same for every concept, the mean KL
+    divergence of the steered next-token distribution from the unsteered one (`kl`, nats)."""
+    plain, steered = model(idx), model(idx, steer=steer, steer_mode=steer_mode)
+    k = model.config.concept_topk
+    # the concept logits before the concept layer do not see the steer: steered.concept_logits is z steered
+    z, z_steered = (o.concept_logits[:, start:].float() for o in (plain, steered))
+    top, top_steered = z.topk(k, dim=-1).indices, z_steered.topk(k, dim=-1).indices
+    logp, logq = (F.log_softmax(o.logits[:, start:].float(), dim=-1) for o in (steered, plain))
+    kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
+    compressor = model.concepts.compressor
+    norms = compressor.weight.float().norm(dim=1) if compressor is not None else None
+    rows = []
+    for c in steer:
+        others = z.clone()
+        others[..., c] = float("-inf")
+        kth = others.topk(k, dim=-1).values[..., -1]
+        rows.append({"concept": c, "positions": z[..., 0].numel(), "before": int((top == c).any(-1).sum()),
+                     "after": int((top_steered == c).any(-1).sum()),
+                     "lift": max(0.0, (kth - z[..., c]).median().item()),
+                     "column_norm": None if norms is None else norms[c].item(),
+                     "median_norm": None if norms is None else norms.median().item(), "kl": kl})
+    return rows
+
+
 def sample_next(logits, temperature=1.0, top_k=None):
     """The next tokens (B, 1) from last-position logits (B, vocab): greedy at temperature 0, else sampled from
     the softmax of logits / temperature over the top_k largest (all if None)."""

@@ -16,7 +16,7 @@ import torch
 
 from configurator import configure, parse_steer
 from files import load_checkpoint
-from model import GPT, STEER_MODES, device_and_autocast
+from model import GPT, STEER_MODES, device_and_autocast, steer_effect
 from prepare import Tokenizer
 from sae import TopKSAE, steering_edit
 from teacher import Teacher, as_teacher, load_teacher, tokenizer_meta
@@ -126,6 +126,7 @@ if not start_ids:
     start_ids = [tokenizer.eot]
 x = torch.tensor(start_ids, dtype=torch.long, device=device)[None, :]
 
+samples = []
 with torch.no_grad(), autocast:
     for _ in range(num_samples):
         if show_concepts:
@@ -145,4 +146,30 @@ with torch.no_grad(), autocast:
             steering = {} if mixer is None else {"steer": scales, "steer_mode": steer_mode}
             y = model.generate(x, max_new_tokens, temperature, top_k or None, **steering)
             print(tokenizer.decode(y[0].tolist()))
+        samples.append(y)
         print("---------------")
+
+# what the steer did, over the samples' last block_size tokens at the positions that predicted sampled ones
+if scales:
+    window = torch.cat(samples)[:, -model.config.block_size:]
+    start = max(0, x.size(1) - 1 - (samples[0].size(1) - window.size(1)))
+    with autocast:
+        rows = steer_effect(model, window[:, :-1], scales, steer_mode, start)
+    k = model.config.concept_topk
+    for r in rows:
+        norm = ("" if r["column_norm"] is None else
+                f"; compressor column norm {r['column_norm']:.3g} against the median {r['median_norm']:.3g}")
+        print(f"steer {r['concept']}={scales[r['concept']]:g} ({steer_mode}): in the TopK ({k}) at {r['before']} of "
+              f"{r['positions']} positions unsteered, {r['after']} steered{norm}")
+        if r["column_norm"] is None:
+            print("  it cannot change the text: this model mixes no concepts into its stream (mixing='none')")
+        elif r["column_norm"] < 0.01 * r["median_norm"]:
+            print("  it cannot change the text: its compressor column is near zero, so the concept adds nothing "
+                  "to the stream at any amount")
+        elif r["after"] == 0:
+            how = ("scaling cannot lift a logit below the k-th, and moves a negative one down; "
+                   if steer_mode == "scale" else "")
+            print(f"  it cannot change the text: it never enters the TopK; {how}--steer_mode=add "
+                  f"--steer={r['concept']}={r['lift']:.6g} puts it there at half the positions")
+    print(f"next-token distribution moved by KL(steered || unsteered) {rows[0]['kl']:.4g} nats per position, mean "
+          f"over {rows[0]['positions']} positions")

@@ -139,6 +139,37 @@ def test_prediction_only_has_no_compressor_to_leave_unused():
     assert model.get_num_params() == sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.parametrize("mode", ["scale", "add"])
+def test_steer_effect_against_counting_by_hand(mode):
+    """model.steer_effect: TopK membership counted position by position, the KL by torch's kl_div, the lift as the
+    amount that puts the concept in the TopK at half the positions, the column norms by hand."""
+    from model import steer_effect
+    model = cocomix()
+    idx = torch.randint(0, 37, (3, 12))
+    steer = {7: 3.0, 11: -2.0}
+    rows = steer_effect(model, idx, steer, mode, start=2)
+    with torch.no_grad():
+        plain, steered = model(idx), model(idx, steer=steer, steer_mode=mode)
+    kl = F.kl_div(F.log_softmax(plain.logits[:, 2:], -1), F.log_softmax(steered.logits[:, 2:], -1), log_target=True,
+                  reduction="none").sum(-1).mean()
+    norms = model.concepts.compressor.weight.norm(dim=1)
+    for r, c in zip(rows, steer):
+        z = plain.concept_logits[:, 2:]
+        z_steered = z.clone()
+        for d, s in steer.items():
+            z_steered[..., d] = z[..., d] * s if mode == "scale" else z[..., d] + s
+        assert r["positions"] == 30 and [r["before"], r["after"]] == [sum(
+            int(c in m[b, p].topk(4).indices.tolist()) for b in range(3) for p in range(10)) for m in (z, z_steered)]
+        assert r["kl"] == pytest.approx(kl.item(), rel=1e-5, abs=1e-7)
+        assert r["column_norm"] == pytest.approx(norms[c].item()) and r["median_norm"] == pytest.approx(
+            norms.median().item())
+        # lifted by that much more than its own logit, it is in the TopK at (about) half the positions
+        lifted = z.clone()
+        lifted[..., c] += r["lift"] + 1e-4
+        inside = sum(int(c in lifted[b, p].topk(4).indices.tolist()) for b in range(3) for p in range(10))
+        assert inside >= 15
+
+
 def test_compressor_gradient_touches_only_the_topk_columns():
     model = cocomix()
     model.train()

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 
@@ -74,6 +76,11 @@ def sample(out_dir, *args, check=True, env=None):
                "--max_new_tokens=30", *args, check=check, env=env)
 
 
+def text(stdout):
+    """The samples of sample.py's output, without what follows them (a steer's diagnosis)."""
+    return stdout[:stdout.rindex("---------------\n") + 16]
+
+
 def loud_direction(sd, absent):
     """(token, u): the direction u whose dominance of the residual stream makes the LM head's argmax that token,
     by its margin, among the tokens not in `absent`. Where u = huge x (wte_q * g), ln_f gives (w_q - mean) / std
@@ -117,11 +124,45 @@ def test_steering_a_cocomix_model(loud_concept, machine):
     loud = "the " + q * 30 + "\n---------------\n"
     assert plain != loud
     # scale 1 and add 0 leave the logits as they are, so that nothing moves
-    assert sample(out, "--temperature=0", "--steer", "7=1,200=1", env=machine).stdout == plain
-    assert sample(out, "--temperature=0", "--steer", "7=0,200=0", "--steer_mode=add", env=machine).stdout == plain
+    assert text(sample(out, "--temperature=0", "--steer", "7=1,200=1", env=machine).stdout) == plain
+    assert text(sample(out, "--temperature=0", "--steer", "7=0,200=0", "--steer_mode=add", env=machine).stdout) == plain
     # a logit of -1e-3: scaled by -1e7 or raised by 1e4 it reaches 1e4, in the TopK (paper §3.2)
-    assert sample(out, "--temperature=0", "--steer", "7=-1e7", env=machine).stdout == loud
-    assert sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add", env=machine).stdout == loud
+    assert text(sample(out, "--temperature=0", "--steer", "7=-1e7", env=machine).stdout) == loud
+    assert text(sample(out, "--temperature=0", "--steer", "7=1e4", "--steer_mode=add", env=machine).stdout) == loud
+
+
+def test_the_sampler_says_what_a_steer_did(cocomix_ckpt, tmp_path):
+    """Hand-made concepts whose answer is known: 3 always in the TopK (logit 1e3), 5 never (logit -1e3), 9 always
+    in it with a zero compressor column. The diagnosis counts them at every position, or at none; says that 5
+    cannot move the text under scaling, with the addition that would lift it (which, taken, does); that 9
+    cannot at any amount; and that a steer which changes nothing moves the next-token distribution by exactly 0."""
+    ckpt = torch.load(cocomix_ckpt / "ckpt.pt", weights_only=True)
+    sd = ckpt["model"]
+    for c, bias in ((3, 1e3), (5, -1e3), (9, 1e3)):
+        sd["concepts.predictor.weight"][c] = 0.0
+        sd["concepts.predictor.bias"][c] = bias
+    sd["concepts.compressor.weight"][9] = 0.0
+    torch.save(ckpt, tmp_path / "ckpt.pt")
+
+    def diagnosis(*args):
+        out = sample(tmp_path, "--num_samples=2", *args).stdout
+        rows = re.findall(r"steer (\d+)=\S+ \((\w+)\): in the TopK \(8\) at (\d+) of (\d+) positions unsteered, "
+                          r"(\d+) steered", out)
+        kl = float(re.search(r"KL\(steered \|\| unsteered\) (\S+) nats", out).group(1))
+        return {int(c): (int(before), int(after), int(n)) for c, _, before, n, after in rows}, kl, out
+
+    rows, kl, out = diagnosis("--steer", "3=2,5=5,9=3")
+    (before3, after3, n), (before5, after5, _), (before9, after9, _) = rows[3], rows[5], rows[9]
+    # the prompt's 4 tokens and 30 sampled, 2 samples: the 30 positions that predicted sampled tokens
+    assert n == 2 * 30 and before3 == after3 == before9 == after9 == n and before5 == after5 == 0
+    assert "its compressor column is near zero" in out and kl > 0
+    lift = float(re.search(r"--steer_mode=add --steer=5=(\S+) puts it there at half the positions", out).group(1))
+    assert lift > 1e3
+    lifted, _, _ = diagnosis("--steer", f"5={lift * 1.01}", "--steer_mode=add")
+    assert lifted[5][1] >= n // 2
+    # 3 is in the TopK with or without the steer, and 9's column is zero: the stream and the text stay as they are
+    _, kl, _ = diagnosis("--steer", "9=3", "--temperature=0")
+    assert kl == 0.0
 
 
 def test_concepts_shown_and_their_norms(cocomix_ckpt):
