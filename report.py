@@ -18,7 +18,7 @@ import concepts
 import topics
 from attribution import ConceptLabeler
 from files import atomic_write, load_checkpoint, load_meta, progress, write_text
-from model import GPT, GPTConfig, device_and_autocast
+from model import GPT, GPTConfig, device_and_autocast, steer_effect
 from prepare import Tokenizer
 from sae import TopKSAE, steering_edit
 from teacher import load_teacher
@@ -255,19 +255,29 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
             hook.remove()
         return {"student": generate(student, steer={latent: v}, steer_mode=mode), "teacher": y_teacher}
 
+    def diagnosed(y, latent, mode="scale", v=1.0):
+        # what the student's steer did (sample.py prints the same): TopK presence at the positions that sampled,
+        # the next-token KL and the compressor column against the median; unsteered: scale 1, which changes nothing
+        with autocast:
+            d = steer_effect(student, torch.cat([x, y], 1)[:, :-1], {latent: v}, mode, x.size(1) - 1)[0]
+        return {"in_topk": d["after"] / d["positions"], "kl": d["kl"], "column_norm": d["column_norm"],
+                "median_norm": d["median_norm"]}
+
     rows = []
     plain = {"student": generate(student), "teacher": generate(teacher)}
     # the first prompt's samples, unsteered and at the largest scale and addition: not chosen for the effect
     samples = {who: tok.decode(y[0].tolist()) for who, y in plain.items()}
     examples = []
     for latent in progress(chosen, desc="steering", unit="concept"):
-        for who in ("student", "teacher"):
-            rows.append({"concept": latent, "model": who, "condition": "none", **measured(latent, plain[who])})
+        rows.append({"concept": latent, "model": "student", "condition": "none", **measured(latent, plain["student"]),
+                     **diagnosed(plain["student"], latent)})
+        rows.append({"concept": latent, "model": "teacher", "condition": "none", **measured(latent, plain["teacher"])})
         for mode, amounts, sign in (("scale", scales, "×"), ("add", adds, "+")):
             for v in amounts:
                 steered = generate_steered(latent, mode, v)
                 for who, y in steered.items():
-                    rows.append({"concept": latent, "model": who, "condition": f"{sign}{v:g}", **measured(latent, y)})
+                    rows.append({"concept": latent, "model": who, "condition": f"{sign}{v:g}", **measured(latent, y),
+                                 **(diagnosed(y, latent, mode, v) if who == "student" else {})})
                 if v == max(amounts):
                     examples.append({"concept": latent, "condition": f"{sign}{v:g}",
                                      **{who: tok.decode(y[0].tolist()) for who, y in steered.items()}})
@@ -525,15 +535,23 @@ def real_text_lines(r):
         f"raised by the amount at every position (+, in the latent's units: its strongest activation is in the "
         f"table above; a positive amount turns on a latent that is off). Each text is read back by "
         f"the teacher and its SAE: the latent's mean activation, the share of its top tokens, and the teacher's "
-        f"perplexity (fluency; lower is more fluent). Mean ± std over the samples.",
+        f"perplexity (fluency; lower is more fluent). Mean ± std over the samples. For the student, what the steer "
+        f"did (`sample.py --steer` prints the same): the share of the positions that sampled at which the concept "
+        f"is in its TopK, the mean KL of the steered next-token distribution from the unsteered one, and the "
+        f"concept's compressor column's norm over the median column's (paper Fig. 6c).",
         "",
-        "| concept | model | steering | activation | top-token share | teacher perplexity |",
-        "|---|---|---|---|---|---|",
+        "| concept | model | steering | activation | top-token share | teacher perplexity | in the TopK | "
+        "next-token KL (nats) | column ÷ median |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["steering_measured"]:
         (a, a_sd), (t, t_sd), (p, p_sd) = row["activation"], row["top_token_share"], row["perplexity"]
+        did = "– | – | –"
+        if "kl" in row:
+            ratio = "–" if row["column_norm"] is None else f"{row['column_norm'] / row['median_norm']:.2f}"
+            did = f"{pct(row['in_topk'])} | {row['kl']:.4f} | {ratio}"
         lines.append(f"| {row['concept']} ({names.get(row['concept'], '')}) | {row['model']} | {row['condition']} | "
-                     f"{a:.3f} ± {a_sd:.3f} | {pct(t)} ± {pct(t_sd)} | {p:.1f} ± {p_sd:.1f} |")
+                     f"{a:.3f} ± {a_sd:.3f} | {pct(t)} ± {pct(t_sd)} | {p:.1f} ± {p_sd:.1f} | {did} |")
     plain = r["steering_samples"]
     lines += [
         "",

@@ -400,6 +400,10 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
         (c, m, k) for c in steered for k in ("none", "×5", "×2", "+10") for m in ("student", "teacher")]
     for row in r["steering_measured"]:
         assert row["activation"][0] >= 0 and 0 <= row["top_token_share"][0] <= 1 and row["perplexity"][0] >= 1
+        # what the student's steer did; unsteered, the next-token distribution has not moved at all
+        assert ("kl" in row) == (row["model"] == "student")
+        if row["model"] == "student":
+            assert 0 <= row["in_topk"] <= 1 and row["kl"] >= 0 and (row["kl"] == 0) >= (row["condition"] == "none")
     # a sample of each steered concept at the largest scale (not the last listed) and addition, with the unsteered
     assert [(ex["concept"], ex["condition"]) for ex in r["steering_examples"]] == [
         (c, k) for c in steered for k in ("×5", "+10")]
@@ -407,7 +411,7 @@ def test_pipeline_on_a_corpus_of_ones_own(tmp_path, char_data):
                                                      ("student", "teacher"))]:
         assert f"`{text.strip()}`".replace("\n", " ") in md
     for part in (f"# CoCoMix against NTP on `{data}`", "## What the concepts are", "## Steering, measured",
-                 "| concept | model | steering | activation | top-token share | teacher perplexity |"):
+                 "| concept | model | steering | activation | top-token share | teacher perplexity | in the TopK |"):
         assert part in md
     assert "[9/9] report" in proc.stdout
     # a setting of the report only: the report alone reruns
