@@ -334,6 +334,14 @@ class OperatorHashes(TorchDispatchMode):
         return out
 
 
+def default_student(vocab, block_size):
+    """The default pipeline's CoCoMix student (4 blocks of width 128, 512 concepts, 16 compressed, mixed before
+    block 2) with random weights, and its optimiser."""
+    student = GPT(GPTConfig(block_size=block_size, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, n_concepts=512,
+                            concept_topk=16, concept_layer=2))
+    return student, student.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+
+
 def bench_bits():
     """Every operator's result, hashed, over two steps of each kind of work of the default pipeline at its model
     shapes (4 blocks of width 128, 512 concepts, 128 positions; random weights and tokens) on 2 sequences: the
@@ -363,9 +371,7 @@ def bench_bits():
         for _ in range(2):
             train_step(sae, sae_optimizer, h, 64, 1 / 32, 1000)
         labels = ConceptLabeler(teacher_model, sae, 1, k_attr=4)(x, y)
-        student = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, n_concepts=512,
-                                concept_topk=16, concept_layer=2))
-        optimizer = student.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+        student, optimizer = default_student(vocab, T)
         for _ in range(2):
             student(x, y, concept_labels=labels).loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -394,9 +400,7 @@ def pins_mode():
     teacher_s = timed(lambda: labeler(x, y), "cpu")[0]
     torch.manual_seed(0)
     vocab, T, B = 410, 128, 16
-    student = GPT(GPTConfig(block_size=T, vocab_size=vocab, n_layer=4, n_head=4, n_embd=128, n_concepts=512,
-                            concept_topk=16, concept_layer=2))
-    optimizer = student.configure_optimizers(0.1, 2e-3, (0.9, 0.95))
+    student, optimizer = default_student(vocab, T)
     xs, ys = (torch.randint(0, vocab, (B, T)) for _ in range(2))
     labels = torch.randint(0, 512, (B, T, 4))
 

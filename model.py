@@ -601,6 +601,7 @@ def steer_effect(model, idx, steer, steer_mode="scale", start=0):
     kl = (logp.exp() * (logp - logq)).sum(-1).mean().item()
     compressor = model.concepts.compressor
     norms = compressor.weight.float().norm(dim=1) if compressor is not None else None
+    median = None if norms is None else norms.median().item()
     rows = []
     for c in steer:
         others = z.clone()
@@ -610,7 +611,7 @@ def steer_effect(model, idx, steer, steer_mode="scale", start=0):
                      "after": int((top_steered == c).any(-1).sum()),
                      "lift": max(0.0, (kth - z[..., c]).median().item()),
                      "column_norm": None if norms is None else norms[c].item(),
-                     "median_norm": None if norms is None else norms.median().item(), "kl": kl})
+                     "median_norm": median, "kl": kl})
     return rows
 
 
