@@ -7,13 +7,14 @@ The whole method on the built-in corpus, offline, in one command on a CPU, or on
     python prepare.py text --input='books/*.txt' --data_dir=data/books && \
         python pipeline.py config/pipeline_cpu.py --data_dir=data/books --out_dir=out-books
     python pipeline.py config/pipeline_gpu.py --data_dir=data/books --out_dir=out-books-gpu   # one GPU
+    python pipeline.py config/pipeline_steer.py   # a student whose concepts steer its text (docs/steering.md)
 
   prepare   python prepare.py topics: 8 planted topics over shared grammar, names that recur (topics.py);
             a data_dir not named 'topics' is a corpus prepare.py made already, and this stage only reads it
   teacher   a GPT trained with next-token prediction (train.py); or, with --teacher, a pretrained one that
             this stage only checks against the corpus and scores (teacher.py)
   sae       a TopK SAE on the teacher's middle block (train_sae.py)
-  labels    the attribution labels of every train and val token (attribution.py)
+  labels    the concept labels of every train and val token: attribution, or label_score's (attribution.py)
   students  per seed, an NTP baseline, the paper's CoCoMix and each of `variants` (the paper's
             baselines and ablations: VARIANTS below), with matched active parameters where the paper
             matches them, all seeing the same tokens in the same order (train.py)
@@ -55,6 +56,7 @@ import torch  # noqa: E402
 
 import report  # noqa: E402
 import topics  # noqa: E402
+from attribution import LABEL_SCORES  # noqa: E402
 from files import load_meta, write_text  # noqa: E402
 
 out_dir = "out-pipeline"  # every stage's output and the report go here
@@ -76,6 +78,7 @@ n_concepts = 512  # SAE latents = concepts
 sae_k = 16  # active SAE latents per token
 sae_iters = 300  # SAE steps, 16 x block_size activations each
 k_attr = 4  # concept labels per position
+label_score = "attribution"  # CoCoMix's labels: 'attribution' (eq. 1, the paper) or 'activation' (the SAE's, Fig. 6a)
 concept_layer = 2  # students predict and mix concepts (or pause) before this block
 student_n_layer = 0  # blocks of every student (0: n_layer, the teacher's)
 student_n_embd = 0  # width of the CoCoMix student (0: n_embd); NTP's, KD's and pause's match its active parameters
@@ -327,7 +330,7 @@ def make_steps(cfg):
                         sae_layer=cfg.sae_layer, k_attr=cfg.k_attr, block_size=cfg.block_size, batch_size=16,
                         label_score=label_score, label_cache=folder, threads=cfg.threads))
 
-    labels = labels_step("labels", labels_dir, "attribution")
+    labels = labels_step("labels", labels_dir, cfg.label_score)
     variants = chosen_variants(cfg)
     # the ablation of Fig. 6a reads labels of its own
     activation_labels = labels_step("labels-activation", out("labels-activation"), "activation")
@@ -350,7 +353,8 @@ def make_steps(cfg):
     def cocomix(**change):
         return {**dict(objective="cocomix", n_embd=n_embd, teacher=teacher_name, sae=sae_file, sae_layer=cfg.sae_layer,
                        n_concepts=cfg.n_concepts, k_attr=cfg.k_attr, label_cache=labels_dir,
-                       concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk, lam_concept=cfg.lam_concept),
+                       label_score=cfg.label_score, concept_layer=cfg.concept_layer, concept_topk=cfg.concept_topk,
+                       lam_concept=cfg.lam_concept),
                 **change}
 
     # each row: (what its run changes, the train.py settings, the steps whose output it reads, which of the
@@ -432,6 +436,9 @@ def main():
     if unknown or len(set(variants)) < len(variants):
         raise SystemExit(f"error: variants must be distinct names from {', '.join(VARIANTS)}, or 'all'; got "
                          f"{cfg.variants!r}")
+    if cfg.label_score not in LABEL_SCORES or cfg.label_score == "activation" and "activation" in variants:
+        raise SystemExit(f"error: label_score must be one of {', '.join(LABEL_SCORES)} (got {cfg.label_score!r}); with "
+                         f"'activation' the CoCoMix row is the activation variant, which variants must not name again")
     n_embd = student_shape(cfg)[1]
     if cfg.n_embd % cfg.n_head or n_embd % cfg.n_head:
         raise SystemExit(f"error: n_embd and student_n_embd must be multiples of n_head (got {cfg.n_embd}, "

@@ -26,6 +26,8 @@ from teacher import load_teacher
 
 # how the report names the two rows every run has; the variants go by their names
 LABELS = {"ntp": "NTP", "cocomix": "CoCoMix (paper)"}
+# the paper's concept labels and loss weight: a CoCoMix row trained otherwise says so
+PAPER_CONCEPTS = {"label_score": "attribution", "lam_concept": 0.1}
 # the paper's regime: a teacher that knows far more than every student, here at least this many nats/token
 # below the best student's validation loss (a perplexity about 1.65 times lower)
 REGIME_GAP = 0.5
@@ -160,13 +162,18 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
     def generate(concept, mode, amount):
         torch.manual_seed(0)
         with torch.no_grad(), autocast:
-            y = model.generate(x, cfg.steer_tokens, temperature=1.0, steer={concept: amount} if mode else None,
-                               steer_mode=mode or "scale")
-        return [tok.decode(row) for row in y[:, x.size(1):].tolist()]
+            return model.generate(x, cfg.steer_tokens, temperature=1.0, steer={concept: amount} if mode else None,
+                                  steer_mode=mode or "scale")
+
+    def diagnosed(y, concept, mode="scale", v=1.0):
+        # what the steer did (sample.py prints the same) at the positions that sampled; unsteered: scale 1
+        with autocast:
+            return steer_effect(model, y[:, :-1], {concept: v}, mode, x.size(1) - 1)[0]
 
     conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
-    texts = {cond: generate(*cond) for cond in progress(conditions, desc=f"steering {os.path.basename(folder)}",
-                                                        unit="condition")}
+    samples = {cond: generate(*cond) for cond in progress(conditions, desc=f"steering {os.path.basename(folder)}",
+                                                          unit="condition")}
+    texts = {cond: [tok.decode(row) for row in y[:, x.size(1):].tolist()] for cond, y in samples.items()}
     rows = []
     for (name, topic_words), (concept, corr) in zip(meta["topics"].items(), tied):
         topic_words = set(topic_words)
@@ -174,6 +181,13 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
                    for mode, v, column in steers}
         rows.append({"topic": name, "concept": concept, "correlation": corr,
                      "rate": topics.topic_rate(texts[(None, None, None)], topic_words), **steered})
+        if teacher is not None and concept is not None:
+            d = diagnosed(samples[(None, None, None)], concept)
+            rows[-1].update(in_topk=d["after"] / d["positions"], column_norm=d["column_norm"],
+                            median_norm=d["median_norm"])
+            for mode, v, column in steers:
+                d = diagnosed(samples[(concept, mode, v)], concept, mode, v)
+                rows[-1].update({f"{column}_in_topk": d["after"] / d["positions"], f"{column}_kl": d["kl"]})
     # the steering effect: the topic's rate gained, mean over the topics with a concept, per condition
     found = [row for row in rows if row["concept"] is not None]
     effect = {column: float(np.mean([row[column] - row["rate"] for row in found])) if found else None
@@ -333,7 +347,8 @@ def write_report(cfg, students_dir, folder, stage_seconds, variants, built_in):
     # whatever transformers builds), the SAE latents and the steering
     teacher = load_teacher(cfg.teacher or os.path.join(cfg.out_dir, "teacher"), device)
     sae = TopKSAE.load(os.path.join(cfg.out_dir, "sae", "sae.pt")).to(device).eval()
-    r["label_flops_per_token"] = ConceptLabeler(teacher, sae, cfg.sae_layer, cfg.k_attr).flops_per_token(cfg.block_size)
+    r["label_flops_per_token"] = ConceptLabeler(teacher, sae, cfg.sae_layer, cfg.k_attr, label_score=cfg.label_score
+                                                ).flops_per_token(cfg.block_size)
     if built_in:
         r.update(steering(cfg, os.path.join(students_dir, "cocomix-1"), device, autocast, teacher, sae))
         # the steering effect of every other row whose concepts reach the stream
@@ -365,6 +380,10 @@ def machine(device):
         mkl = f", MKL_CBWR={os.environ['MKL_CBWR']}" if "MKL_CBWR" in os.environ else ""
         name = f"{name}, {cores} cores, torch's {torch.backends.cpu.get_cpu_capability()} kernels{mkl}"
     return f"{name}; {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def seeds(s):
+    return f"{s['seeds']} seed" + ("s" if s["seeds"] > 1 else "")
 
 
 def pct(x):
@@ -407,7 +426,7 @@ def markdown(r):
         f"| active parameters | {r['active_params']['ntp']:,} (width {r['ntp_width']}) | "
         f"{r['active_params']['cocomix']:,} (width {width}, {s['n_concepts']} concepts) |",
         f"| training tokens per seed, same order | {total:,} | {total:,} |",
-        f"| final validation NTP loss (nats/token), mean ± std over {s['seeds']} seeds | {ntp:.4f} ± {ntp_sd:.4f} | "
+        f"| final validation NTP loss (nats/token), mean ± std over {seeds(s)} | {ntp:.4f} ± {ntp_sd:.4f} | "
         f"{coco:.4f} ± {coco_sd:.4f} |",
         f"| tokens to reach NTP's final validation loss | {total:,} (100%) | {reach_text} |",
         f"| concept top-{s['k_attr']} accuracy, validation (chance {chance}) | – | {pct(acc)} ± {pct(acc_sd)} |",
@@ -419,13 +438,13 @@ def markdown(r):
         + f" (its loss at least {REGIME_GAP} nats/token below every student's). SAE on its block {s['sae_layer']} "
         f"({s['n_concepts']} latents, k = {s['sae_k']}): normalised MSE {sae['val_nmse']:.4f} (variance explained "
         f"{pct(sae['val_fve'])}), dead latents {pct(sae['dead_frac'])}. Students: {n_layer} blocks, concepts mixed "
-        f"before block {s['concept_layer']}.",
+        f"before block {s['concept_layer']}, the {s['concept_topk']} largest concept logits compressed.",
         "",
         "![validation NTP loss against training tokens, and every row's final loss](report.png)",
         "",
         "## Every row: the paper's baselines and ablations (its Fig. 6 in miniature)",
         "",
-        f"The same tokens in the same order for every row, {s['seeds']} seeds each. Against NTP: *better* or *worse* "
+        f"The same tokens in the same order for every row, {seeds(s)} each. Against NTP: *better* or *worse* "
         f"when the means differ by more than the two standard deviations together, else *no difference*. FLOPs: "
         f"the student's training FLOPs per token; KD also runs the teacher forward on every training token "
         f"({r['teacher_forward_flops_per_token'] / r['flops_per_token']['ntp']:.2f}× NTP's training FLOPs), "
@@ -440,8 +459,11 @@ def markdown(r):
         + (f" steering effect ({', '.join(titles)}) |" if topic_steering else ""),
         "|---|---|---|---|---|---|---|---|" + ("---|" if topic_steering else ""),
     ]
+    changed = [f"{k} = {s[k]:g}" if isinstance(v, float) else f"{k} = {s[k]}" for k, v in PAPER_CONCEPTS.items()
+               if s.get(k, v) != v]
     what = {"ntp": "next-token prediction, width matched to CoCoMix's active parameters",
-            "cocomix": "the paper's method", **r["variants"]}
+            "cocomix": "the paper's method" + (f", with {' and '.join(changed)} (not the paper's)" if changed else ""),
+            **r["variants"]}
     for n in names:
         m, sd = final[n]
         reach_n = r["tokens_to_reach_ntp_final"][n]
@@ -483,6 +505,23 @@ def markdown(r):
         lines.append(f"| {row['topic']} | {row['sae_latent']} ({row['sae_correlation']:.2f}) | {row['concept']} "
                      f"({row['correlation']:.2f}) | {pct(row['corpus_rate'])} | "
                      f"{pct(row['rate'])} | " + " | ".join(pct(row[c]) for c in columns) + " |")
+    lines += [
+        "",
+        "What each steer did to the student (`sample.py --steer` prints the same), at the positions that sampled: "
+        "the share at which the concept is in the student's TopK, and the mean KL divergence of the steered "
+        "next-token distribution from the unsteered one (nats); and the concept's compressor column's norm against "
+        "the median column's (paper Fig. 6c).",
+        "",
+        "| topic | concept | column ÷ median | in the TopK: no steering | " + " | ".join(titles) + " | "
+        + " | ".join(f"KL {t}" for t in titles) + " |",
+        "|---|---|---|---|" + "---|" * 2 * len(columns),
+    ]
+    for row in r["steering"]:
+        if row["concept"] is not None:
+            ratio = "–" if row["column_norm"] is None else f"{row['column_norm'] / row['median_norm']:.2f}"
+            lines.append(f"| {row['topic']} | {row['concept']} | {ratio} | {pct(row['in_topk'])} | "
+                         + " | ".join(pct(row[f"{c}_in_topk"]) for c in columns) + " | "
+                         + " | ".join(f"{row[f'{c}_kl']:.4f}" for c in columns) + " |")
     ex = r["steering_example"]
     lines += [
         "",

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -153,6 +154,8 @@ def test_stage_keys_follow_what_each_stage_depends_on(tmp_path):
     assert changed(n_concepts=256) == {"sae"} | students  # NTP's width follows the concept count
     assert changed(teacher_iters=10) == {"teacher"}  # the rest goes stale once the teacher is redone:
     assert changed(k_attr=2) == {"labels", "labels-activation"}
+    # the labels' readers go stale once the labels are made anew (below: the teacher's)
+    assert changed(label_score="activation") == {"labels"}
     assert {s.name for s in steps(variants="")} == {"prepare", "teacher", "sae", "labels", "report"} | runs(
         "ntp", "cocomix")
 
@@ -244,9 +247,20 @@ def test_pipeline_end_to_end(small_run):
         rates = [row[k] for k in ("corpus_rate", "rate", "steer_x5", "steer_x10", "steer_plus10")]
         assert row["concept"] is None or (0 <= row["concept"] < 64 and all(0 <= x <= 1 for x in rates))
         assert row["sae_latent"] is None or (0 <= row["sae_latent"] < 64 and -1 <= row["sae_correlation"] <= 1)
+        # what each steer did: TopK shares, KL (none where nothing is steered), the column against the median
+        if row["concept"] is not None:
+            norms = torch.load(out / "cocomix-1" / "ckpt.pt", weights_only=True)["model"][
+                "concepts.compressor.weight"].norm(dim=1)
+            ratio = (norms[row["concept"]] / norms.median()).item()
+            assert row["column_norm"] / row["median_norm"] == pytest.approx(ratio)
+            assert all(0 <= row[f"{c}_in_topk"] <= 1 and row[f"{c}_kl"] >= 0 for c in r["steering_columns"])
+            # adding 10 to a logit of a 64-concept student lifts it into the TopK at every position
+            assert 0 <= row["in_topk"] <= row["steer_plus10_in_topk"] == 1
     for part in ("| active parameters |", "tokens to reach NTP's final validation loss", "concept top-4 accuracy",
                  "normalised MSE", "## Steering", "| steer ×5 | steer ×10 | steer +10 |", "![validation NTP loss",
-                 "Time in the stages", "Fig. 6 in miniature"):
+                 "Time in the stages", "Fig. 6 in miniature",
+                 "| topic | concept | column ÷ median | in the TopK: no steering | steer ×5 | steer ×10 | "
+                 "steer +10 | KL steer ×5 |"):
         assert part in md
     assert re.search(r"\*\*CoCoMix (beat|did not beat) NTP here\*\*", md)
     assert (out / "report-all" / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -259,6 +273,31 @@ def test_pipeline_end_to_end(small_run):
     # two students at a time (jobs=2): each logs to its folder, not to the pipeline's output
     assert (out / "kd-1" / "log.txt").read_text().startswith("$ python train.py --out_dir=")
     assert "val_kd_loss" in (out / "kd-1" / "log.txt").read_text() and "val_kd_loss" not in proc.stdout
+
+
+def test_steering_py_on_a_student_of_the_pipeline(small_run):
+    """steering.py's numbers on labels are those of the student's label cache, counted here; it refuses a student
+    without concepts."""
+    tmp_path, _ = small_run
+    out = tmp_path / "out" / RUNS
+    proc = run("steering.py", f"--student={out / 'cocomix-1'}", "--steer_samples=3", "--steer_tokens=12", "--limit=8",
+               cwd=tmp_path)
+    cache = tmp_path / "out" / "labels"
+    train = np.fromfile(cache / "train.bin", dtype=json.loads((cache / "train.json").read_text())["dtype"])
+    counts = sorted(Counter(train.tolist()).values(), reverse=True)
+    assert f"take {sum(counts[:10]) / len(train):.1%} of the label slots; {len(counts)} are ever a label" in proc.stdout
+    val = np.fromfile(cache / "val.bin", dtype=json.loads((cache / "val.json").read_text())["dtype"]).reshape(-1, 4)
+    topic = np.fromfile(tmp_path / "data" / "topics" / "val_topic.bin", dtype=np.uint8)[:8 * 64]
+    rows = re.findall(r"^\| (\d+) \| ([a-z]+) \| ([\d.]+)% \| ([\d.]+)% \|", proc.stdout, flags=re.M)
+    assert {name for _, name, _, _ in rows} <= set(topics.TOPICS) and len(rows) >= 4
+    for concept, name, share, in_topic in rows:
+        labelled = (val[:8 * 64] == int(concept)).any(-1)
+        assert float(share) == pytest.approx(100 * labelled.mean(), abs=0.006)
+        assert float(in_topic) == pytest.approx(100 * labelled[topic == list(topics.TOPICS).index(name)].mean(),
+                                                abs=0.006)
+    assert re.search(r"Specific: ×10 \d of \d+, \+10 \d of \d+, \+3σ \d of \d+", proc.stdout)
+    refused = run("steering.py", f"--student={out / 'ntp-1'}", cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and "is not a CoCoMix student" in refused.stderr
 
 
 def test_pipeline_rerun_skips_what_is_done_and_refuses_stale_inputs(small_run):
@@ -274,7 +313,8 @@ def test_pipeline_bad_settings(tmp_path, monkeypatch):
     # in this process, as the command line would run it: each call on the defaults, which configure() overwrites
     defaults = config_keys(vars(pipeline))
     for bad in ("--stage=teachers", "--steer_scales=5;10", "--steer_scales=1..2", "--steer_adds=x", "--seeds=0",
-                "--n_head=5", "--variants=kd,dropout", "--threads=0"):
+                "--n_head=5", "--variants=kd,dropout", "--threads=0", "--label_score=gradient",
+                "--label_score=activation"):
         for key, value in defaults.items():
             monkeypatch.setattr(pipeline, key, value)
         monkeypatch.setattr(sys, "argv", ["pipeline.py", *small_args(tmp_path, bad)])
