@@ -6,8 +6,8 @@ Samples text from a trained model, steers its concepts, and inspects them.
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5            # paper §3.2: turn a concept up
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5,19193=-3 --show_concepts
     python sample.py --out_dir=out-cocomix-69m --steer 12783=5 --steer_mode=add   # lift a concept: z + 5
-    python sample.py --init_from=gpt2 --sae_steer --steer 12783=5         # the same on the teacher's SAE latent
-    python sample.py --init_from=gpt2 --sae_steer --steer 12783=5 --steer_mode=add   # that latent on everywhere
+    python sample.py --init_from=gpt2 --sae_steer --steer 12783=5         # the teacher's SAE latent raised by 5
+    python sample.py --init_from=gpt2 --sae_steer --steer 12783=5 --steer_mode=scale   # scaled where it is on
     python sample.py --init_from=smollm2 --sae_steer --sae=out-sae-smollm2/sae.pt --sae_layer=14 --steer 301=8
     python sample.py --out_dir=out-cocomix-69m --concept_norms            # paper Fig. 6c
 """
@@ -29,7 +29,7 @@ max_new_tokens = 200  # tokens per sample
 temperature = 0.8  # 1.0 samples the model as is, below 1 sharper, 0 greedy
 top_k = 200  # sample among the k most likely tokens only (0: all)
 steer = ""  # concepts (or sae_steer's latents) to steer at every position: '12783=5' or '12783=5,19193=-3'
-steer_mode = "scale"  # 'scale' multiplies (paper §3.2), 'add' adds: a concept's logit before the TopK, or the latent
+steer_mode = ""  # 'scale' multiplies, 'add' adds; '': the paper's, scaling a concept logit, adding to an SAE latent
 show_concepts = False  # print the top 5 predicted concepts at each new token, with their compressor-weight norm
 sae_steer = False  # steer the (plain) model's SAE latent at sae_layer instead: scaled where active, or added to
 sae = "openai"  # for sae_steer: an SAE file or URL, a SAELens or sparsify folder, or 'openai' (GPT-2 small's)
@@ -45,6 +45,9 @@ configure(globals(), ranges=RANGES)
 # -----------------------------------------------------------------------------
 
 
+# the paper (§3.2, Fig. 5) multiplies a CoCoMix concept logit and increases a teacher's SAE latent, which scaling
+# cannot do for a latent that is off
+steer_mode = steer_mode or ("add" if sae_steer else "scale")
 if steer_mode not in STEER_MODES:
     raise SystemExit(f"error: steer_mode must be one of {', '.join(STEER_MODES)}, not {steer_mode!r}")
 device, dtype, autocast = device_and_autocast(device, dtype)

@@ -176,7 +176,7 @@ def test_concepts_shown_and_their_norms(cocomix_ckpt):
 def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     """The SAE's latent 5 made loud: always active (encoder row 0, bias 1e3), its decoder column 1e3 u. Scaled by 8,
     the hook adds 7e6 u std(h) to block 0's output, and greedy decoding emits token q at every step. Then made
-    silent (bias -1e3): scaling it changes nothing, adding 8 adds 8e3 u std(h), and q again at every step."""
+    silent (bias -1e3): scaling it changes nothing, adding 8 (the default) adds 8e3 u std(h), and q again."""
     teacher = torch.load(concept_parts / "teacher" / "ckpt.pt", weights_only=True)
     args = ["--sae_steer", f"--sae={tmp_path / 'sae.pt'}", "--sae_layer=0", "--max_new_tokens=60", "--temperature=0"]
     sd = torch.load(concept_parts / "sae" / "sae.pt", weights_only=True)
@@ -188,13 +188,16 @@ def test_steering_the_teachers_sae_latent(concept_parts, tmp_path, machine):
     sd["latent_bias"][5] = 1e3
     sd["decoder.weight"][:, 5] = 1e3 * u
     torch.save(sd, tmp_path / "sae.pt")
-    assert sample(concept_parts / "teacher", *args, "--steer", "5=1", env=machine).stdout == plain
-    loud = sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout
+    scale = ["--steer_mode=scale"]
+    assert sample(concept_parts / "teacher", *args, *scale, "--steer", "5=1", env=machine).stdout == plain
+    loud = sample(concept_parts / "teacher", *args, *scale, "--steer", "5=8", env=machine).stdout
     assert loud == "the " + tokenizer.decode([q]) * 60 + "\n---------------\n" != plain
-    # the latent off everywhere (bias -1e3): scaling leaves it off, adding turns it on at every position
+    # the latent off everywhere (bias -1e3): scaling leaves it off; adding, the default on a teacher's latent as
+    # the paper increases it, turns it on at every position
     sd["latent_bias"][5] = -1e3
     torch.save(sd, tmp_path / "sae.pt")
-    assert sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout == plain
+    assert sample(concept_parts / "teacher", *args, *scale, "--steer", "5=8", env=machine).stdout == plain
+    assert sample(concept_parts / "teacher", *args, "--steer", "5=8", env=machine).stdout == loud
     assert sample(concept_parts / "teacher", *args, "--steer", "5=8", "--steer_mode=add", env=machine).stdout == loud
 
 
