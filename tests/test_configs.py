@@ -31,7 +31,7 @@ SHARED = {"sae_layer": "layer", "n_concepts": "n_latents", "sae_k": "k", "label_
 
 
 @pytest.mark.parametrize("script", ["train.py", "train_sae.py", "attribution.py", "sample.py", "eval.py",
-                                    "pipeline.py", "bench.py"])
+                                    "pipeline.py", "bench.py", "steering.py"])
 def test_every_script_lists_its_settings_under_the_shared_names(script):
     out = run(script, "--help").stdout
     listed = re.findall(r"^  --(\w+) ", out, flags=re.M)
@@ -96,3 +96,35 @@ def test_ci_runs_the_readmes_test_command_as_written():
         command = f.read().strip().splitlines()[-1]
     with open(os.path.join(ROOT, "README.md")) as f:
         assert f"```sh\n{command}\n```" in f.read()
+
+
+def config(name):
+    return configure(train_defaults(), [os.path.join(ROOT, "config", f"{name}.py")])
+
+
+def tokens(cfg):
+    return cfg["max_iters"] * cfg["batch_tokens"]
+
+
+@pytest.mark.parametrize("objective", ["ntp", "cocomix"])
+def test_the_69m_pair_at_200b_tokens_is_the_20b_pair_ten_times_longer(objective):
+    long, short = config(f"{objective}_69m_200b"), config(f"{objective}_69m")
+    assert tokens(long) == pytest.approx(200e9, rel=1e-3) and tokens(short) == pytest.approx(20e9, rel=1e-3)
+    names = ("max_iters", "out_dir", "wandb_run_name")
+    assert {k: v for k, v in long.items() if k not in names} == {k: v for k, v in short.items() if k not in names}
+
+
+@pytest.mark.parametrize("size", ["386m", "1b"])
+def test_kd_at_386m_and_1b_is_ntps_shape_on_table_1s_20b_tokens(size):
+    kd, ntp = config(f"kd_{size}"), config(f"ntp_{size}")
+    assert (kd["objective"], kd["teacher"], kd["lam_kd"]) == ("kd", "gpt2", 0.1)
+    keys = ("n_layer", "n_head", "n_embd", "block_size", "learning_rate", "batch_tokens", "data_dir")
+    assert {k: kd[k] for k in keys} == {k: ntp[k] for k in keys}
+    assert tokens(kd) == pytest.approx(20e9, rel=1e-3)
+
+
+def test_the_openwebmath_run_is_cocomix_386m_on_openwebmath_for_20b_tokens():
+    owm, base = config("cocomix_386m_owm"), config("cocomix_386m")
+    assert owm["data_dir"] == "data/openwebmath" and tokens(owm) == pytest.approx(20e9, rel=1e-3)
+    names = ("max_iters", "out_dir", "wandb_run_name", "data_dir")
+    assert {k: v for k, v in owm.items() if k not in names} == {k: v for k, v in base.items() if k not in names}
