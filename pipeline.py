@@ -281,10 +281,11 @@ def make_steps(cfg):
     teacher_dir, sae_file, labels_dir = out("teacher"), out("sae", "sae.pt"), out("labels")
     corpus = topics.source(cfg.corpus_chars, cfg.corpus_seed, VAL_FRACTION)
     shape = settings("n_layer", "n_head", "n_embd", "block_size", "batch_size", "batch_tokens", "learning_rate")
-    # what every train.py run shares
+    # what every train.py run shares; the windows of every row on the grid that CoCoMix's cached labels are made on
     train = dict(n_head=cfg.n_head, block_size=cfg.block_size, data_dir=cfg.data_dir,
                  batch_size=cfg.batch_size, batch_tokens=cfg.batch_tokens, learning_rate=cfg.learning_rate,
-                 eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=25, compile=False)
+                 eval_interval=cfg.eval_interval, eval_iters=cfg.eval_iters, log_interval=25, compile=False,
+                 random_offsets=False)
 
     def corpus_ready():
         try:

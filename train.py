@@ -85,6 +85,7 @@ device = "auto"  # 'auto' (cuda if present), 'cpu', 'cuda', 'cuda:1', ...
 dtype = "auto"  # 'auto' (CUDA: bfloat16 where supported, else float16; CPU: float32), 'float32', 'bfloat16', ...
 compile = True  # torch.compile the model (CUDA only: on CPU it costs more than it saves)
 seed = 1337  # seeds the initialisation, the data order and dropout
+random_offsets = True  # each epoch's windows start at a random offset (nanoGPT's loader); a label cache keeps its grid
 # the range of each numeric setting, checked before any work; a bound may name another setting
 RANGES = {
     "eval_interval": "[1, inf)", "eval_iters": "[1, inf)", "log_interval": "[1, inf)", "batch_tokens": "[1, inf)",
@@ -151,19 +152,24 @@ if master:
           f"= {batch_tokens:,} tokens per step")
 
 # -----------------------------------------------------------------------------
-# data: windows of block_size + 1 tokens, aligned to block_size, in an order that is a function of
-# (seed, sample number) alone, so that the data position of a run is its step count
+# data: windows of block_size + 1 tokens in an order that is a function of (seed, sample number) alone, so that
+# the data position of a run is its step count. Each epoch's training windows start at a random offset, as
+# nanoGPT's and the authors' loaders draw them: aligned ones would repeat every context exactly in each epoch (200B
+# tokens are 22 passes over OpenWebText). A label cache labels the aligned windows only, so it keeps them.
 
 try:
     meta = load_meta(data_dir)
 except FileNotFoundError as e:
     raise SystemExit(f"error: {e}")
 data = {s: np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r") for s in ("train", "val")}
-n_windows = {s: (len(d) - 1) // block_size for s, d in data.items()}
+shifted = random_offsets and not (objective == "cocomix" and label_cache)
+# an offset up to block_size - 1 costs the train split its last window
+n_windows = {s: (len(d) - 1 - (block_size - 1) * (shifted and s == "train")) // block_size for s, d in data.items()}
 for s, n in n_windows.items():
     if n < 1:
-        raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than "
-                         f"block_size+1={block_size + 1}")
+        least = block_size + 1 + (block_size - 1) * (shifted and s == "train")
+        raise SystemExit(f"error: {data_dir}/{s}.bin holds {len(data[s])} tokens, fewer than the {least} of one "
+                         f"window" + (" at any offset (random_offsets)" if least > block_size + 1 else ""))
 
 # eval.py's tasks, their documents read now so that a missing one stops the run before it starts
 eval_docs = {}
@@ -208,19 +214,24 @@ except (FileNotFoundError, ValueError) as e:
 
 @lru_cache(maxsize=2)
 def epoch_order(epoch):
-    return torch.randperm(n_windows["train"], generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    """The training windows of an epoch in the order it reads them, and the offset of their starts."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n_windows["train"], generator=generator)
+    return order, int(torch.randint(block_size, (), generator=generator)) if shifted else 0
 
 
 def to_device(t):
     return t.pin_memory().to(device, non_blocking=True) if device_type == "cuda" else t
 
 
-def get_batch(split, window_ids):
+def get_batch(split, window_ids, offsets=None):
     """Tokens x, next tokens y, and what the objective needs beside them as the model's keyword
-    arguments: concept labels (B, T, k_attr), the teacher's hidden states or its logits."""
+    arguments: concept labels (B, T, k_attr), the teacher's hidden states or its logits. Window i starts at
+    token i * block_size, plus its offset where `offsets` gives one."""
     d = data[split]
-    x = np.stack([d[i * block_size:(i + 1) * block_size] for i in window_ids]).astype(np.int64)
-    y = np.stack([d[i * block_size + 1:(i + 1) * block_size + 1] for i in window_ids]).astype(np.int64)
+    starts = [i * block_size + o for i, o in zip(window_ids, offsets or [0] * len(window_ids))]
+    x = np.stack([d[s:s + block_size] for s in starts]).astype(np.int64)
+    y = np.stack([d[s + 1:s + block_size + 1] for s in starts]).astype(np.int64)
     x, y = to_device(torch.from_numpy(x)), to_device(torch.from_numpy(y))
     # a cache labels every position of a window, the last one too: its next token is the window's +1
     if label_caches:
@@ -240,7 +251,11 @@ def train_batch(step, micro_step):
     """This process's share of the global batch of `step`; the same samples for any process count."""
     first = step * batch_tokens // block_size + (micro_step * world_size + rank) * batch_size
     n = n_windows["train"]
-    return get_batch("train", [int(epoch_order(i // n)[i % n]) for i in range(first, first + batch_size)])
+    # a batch may run from one epoch into the next: each window takes its own epoch's order and offset
+    samples = range(first, first + batch_size)
+    epochs = [epoch_order(i // n) for i in samples]
+    return get_batch("train", [int(order[i % n]) for (order, _), i in zip(epochs, samples)],
+                     [offset for _, offset in epochs])
 
 
 # -----------------------------------------------------------------------------

@@ -2,11 +2,13 @@ import json
 import math
 import os
 import re
+import runpy
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -185,7 +187,9 @@ def test_bad_checkpoints(char_data, tmp_path):
 
 def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_parts, tmp_path):
     root = concept_parts
-    run("train.py", *cocomix_args(char_data, root, tmp_path / "online", max_iters=120, eval_interval=60))
+    # aligned windows, as the cache labels them (online labels read each epoch at a random offset by default)
+    run("train.py", *cocomix_args(char_data, root, tmp_path / "online", max_iters=120, eval_interval=60,
+                                  random_offsets=False))
     lines = [json.loads(line) for line in open(tmp_path / "online" / "metrics.jsonl")]
     val = [m for m in lines if "val_concept_loss" in m]
     assert [m["step"] for m in val] == [0, 60, 120]
@@ -205,6 +209,49 @@ def test_cocomix_learns_the_concepts_online_and_from_a_cache(char_data, concept_
                                          label_cache=tmp_path / "labels",
                                          k_attr=2), check=False)
     assert proc.returncode == 1 and "made for another run: k_attr=4 there, 2 here" in proc.stderr
+
+
+def batches_of(args, monkeypatch):
+    """train.py run in this process for one step with `args`: its globals, whose train_batch gives any step's
+    batch."""
+    monkeypatch.setattr(sys, "argv", ["train.py", *args])
+    return runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+
+
+def residues(tokens, rows, block_size):
+    """For each row of tokens, where it occurs in `tokens`, modulo block_size: a set per row, found by search."""
+    windows = np.lib.stride_tricks.sliding_window_view(tokens, block_size)
+    return [set((np.flatnonzero((windows == row).all(-1)) % block_size).tolist()) for row in rows]
+
+
+def test_each_epoch_reads_its_windows_at_a_random_offset_and_a_label_cache_keeps_the_grid(char_data, concept_parts,
+                                                                                          tmp_path, monkeypatch):
+    meta = json.loads((char_data / "meta.json").read_text())
+    tokens = np.fromfile(char_data / "train.bin", dtype=meta["dtype"])
+    n = (len(tokens) - 32) // 32  # an offset up to 31 costs the last window
+    g = batches_of(train_args(char_data, tmp_path / "shifted", max_iters=1), monkeypatch)
+    assert g["n_windows"]["train"] == n
+    found = {}
+    for epoch in (0, 1):
+        # the batches of the epoch's first steps and of its last (8 windows a step), all at one offset
+        steps = [epoch * n // 8 + 1, epoch * n // 8 + 2, (epoch + 1) * n // 8 - 1]
+        rows = torch.cat([g["train_batch"](step, m)[0] for step in steps for m in (0, 1)]).numpy()
+        common = set.intersection(*residues(tokens, rows, 32))
+        assert len(common) == 1
+        found[epoch] = common.pop()
+    assert found[0] != found[1]
+    # aligned, as the pipeline runs every row: offset 0 in every epoch
+    g = batches_of(train_args(char_data, tmp_path / "aligned", max_iters=1, random_offsets=False), monkeypatch)
+    rows = torch.cat([g["train_batch"](step, 0)[0] for step in (1, n // 8 + 1)]).numpy()
+    assert set.intersection(*residues(tokens, rows, 32)) == {0}
+    # a label cache labels the aligned windows: with one, random_offsets leaves them aligned
+    run("attribution.py", f"--data_dir={char_data}", f"--teacher={concept_parts / 'teacher'}",
+        f"--sae={concept_parts / 'sae' / 'sae.pt'}", "--sae_layer=0", "--block_size=32", "--split=both",
+        f"--label_cache={tmp_path / 'labels'}", "--device=cpu")
+    g = batches_of(cocomix_args(char_data, concept_parts, tmp_path / "cached", max_iters=1,
+                                label_cache=tmp_path / "labels"), monkeypatch)
+    rows = torch.cat([g["train_batch"](step, 0)[0] for step in (1, n // 8 + 1)]).numpy()
+    assert set.intersection(*residues(tokens, rows, 32)) == {0}
 
 
 def test_offline_sae_download_is_a_clear_error(char_data, tmp_path):
