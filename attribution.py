@@ -9,6 +9,11 @@ Cache the labels of a whole token file so training need not run the teacher:
     python attribution.py --data_dir=data/books --teacher=smollm2 --sae=out-sae-smollm2/sae.pt --sae_layer=14
     python attribution.py --data_dir=data/tiny --teacher=out-tiny --sae=out-sae-tiny/sae.pt --sae_layer=1 \
         --block_size=128 --split=both
+    torchrun --nproc_per_node=8 attribution.py --data_dir=data/openwebtext --teacher=gpt2 --sae=openai --sae_layer=5
+
+Under torchrun (any number of nodes sharing the folder) each process labels every world_size-th batch of
+windows; the cache is the one a single process writes, byte for byte, and a run of any process count resumes
+where an earlier one of any count stopped (<split>.done flags each window whose labels are on disk until all are).
 """
 
 import json
@@ -240,9 +245,11 @@ RANGES = {"sae_layer": "[0, inf)", "k_attr": "[1, inf)", "block_size": "[1, inf)
 if __name__ == "__main__":
     from configurator import configure
     from files import progress
-    from model import device_and_autocast
+    from model import device_and_autocast, start_processes
 
     config = configure(globals(), ranges=RANGES)
+    # under torchrun each process labels every world_size-th batch of windows, on a device of its own
+    rank, _, world_size, _, device = start_processes(device)
     device = device_and_autocast(device)[0]
     torch.backends.cuda.matmul.allow_tf32 = True
     label_cache = label_cache or os.path.join(data_dir, "labels")
@@ -252,6 +259,11 @@ if __name__ == "__main__":
                                meta, block_size, chunk_size, label_dtype)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
+
+    def together():
+        if world_size > 1:
+            torch.distributed.barrier()
+
     os.makedirs(label_cache, exist_ok=True)
     # the settings a reader checks (n_concepts is the SAE's, not a setting of this command), and the weights
     made_by = {**{k: config[k] for k in LABEL_SETTINGS if k in config}, "n_concepts": labeler.sae.n_concepts,
@@ -260,44 +272,73 @@ if __name__ == "__main__":
         data = np.memmap(os.path.join(data_dir, f"{s}.bin"), dtype=meta["dtype"], mode="r")
         n_windows = (len(data) - 1) // block_size
         bin_path, json_path = cache_paths(label_cache, s)
+        # while the labels are unfinished: a byte per window, 1 once its labels are on disk, so that a run of any
+        # number of processes resumes where any earlier one stopped
+        done_path = os.path.join(label_cache, f"{s}.done")
         header = {**made_by, "data": os.path.abspath(os.path.join(data_dir, f"{s}.bin")), "data_tokens": len(data),
                   "n_windows": n_windows, "dtype": "uint16" if labeler.sae.n_concepts <= 2**16 else "uint32",
                   "done": 0}
         shape = (n_windows, block_size, k_attr)
-        if os.path.exists(json_path) and os.path.exists(bin_path):
-            old = read_header(json_path)
-            if {k: v for k, v in old.items() if k != "done"} != {k: v for k, v in header.items() if k != "done"}:
-                raise SystemExit(f"error: {json_path} holds labels made with other settings; delete {label_cache} "
-                                 f"or choose another --label_cache")
-            header["done"] = old["done"]
-            labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=shape)
-        else:
-            # the whole file is made at once: a disk too small for it stops the run here, in one line
-            try:
-                labels = np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape)
-            except OSError as e:
-                size = int(np.prod(shape)) * np.dtype(header["dtype"]).itemsize
-                raise SystemExit(f"error: cannot make {bin_path} ({size:,} bytes): {e.strerror or e}")
-            write_header(json_path, header)
-        t0, last_save, start = time.time(), time.time(), header["done"]
-        bar = progress(total=n_windows * block_size, initial=header["done"] * block_size, unit="tok", unit_scale=True,
-                   desc=s)
-        for first in range(header["done"], n_windows, batch_size):
-            ids = range(first, min(first + batch_size, n_windows))
-            xy = np.stack([data[i * block_size:(i + 1) * block_size + 1] for i in ids]).astype(np.int64)
-            xy = torch.from_numpy(xy).to(device)
-            labels[ids.start:ids.stop] = labeler(xy[:, :-1], xy[:, 1:]).cpu().numpy()
-            header["done"] = ids.stop
-            bar.update(len(ids) * block_size)
-            # progress survives an interruption: the labels first, then the header that counts them
-            if time.time() - last_save > 30 or ids.stop == n_windows:
-                labels.flush()
+        if rank == 0:
+            if os.path.exists(json_path) and os.path.exists(bin_path):
+                old = read_header(json_path)
+                if {k: v for k, v in old.items() if k != "done"} != {k: v for k, v in header.items() if k != "done"}:
+                    raise SystemExit(f"error: {json_path} holds labels made with other settings; delete "
+                                     f"{label_cache} or choose another --label_cache")
+                header["done"] = old["done"]
+            else:
+                # the whole file is made at once: a disk too small for it stops the run here, in one line
+                try:
+                    np.memmap(bin_path, dtype=header["dtype"], mode="w+", shape=shape).flush()
+                except OSError as e:
+                    size = int(np.prod(shape)) * np.dtype(header["dtype"]).itemsize
+                    raise SystemExit(f"error: cannot make {bin_path} ({size:,} bytes): {e.strerror or e}")
                 write_header(json_path, header)
-                last_save = time.time()
-        bar.close()
-        labels.flush()
-        write_header(json_path, header)
-        # the speed of this run alone: a resumed one found part of the labels done
-        made = (n_windows - start) * block_size
-        print(f"{s}: {n_windows * block_size:,} tokens labelled in {label_cache}, {made:,} of them by this run "
-              f"({made / max(time.time() - t0, 1e-9):,.0f} tok/s)")
+            if header["done"] >= n_windows and os.path.exists(done_path):
+                # finished, and killed before its flags were removed
+                os.remove(done_path)
+            if header["done"] < n_windows and not os.path.exists(done_path):
+                # the header counts the windows done from the start, as one process labels them
+                flags = np.memmap(done_path, dtype=np.uint8, mode="w+", shape=(n_windows,))
+                flags[:header["done"]] = 1
+                flags.flush()
+        together()
+        header = read_header(json_path)
+        t0, made = time.time(), 0
+        if header["done"] < n_windows:
+            labels = np.memmap(bin_path, dtype=header["dtype"], mode="r+", shape=shape)
+            flags = np.memmap(done_path, dtype=np.uint8, mode="r+", shape=(n_windows,))
+            mine = [first for first in range(0, n_windows, batch_size)[rank::world_size]
+                    if not flags[first:first + batch_size].all()]
+            bar = progress(total=len(mine) * batch_size * block_size, unit="tok", unit_scale=True,
+                           desc=s if world_size == 1 else f"{s}, process {rank} of {world_size}")
+            last_save, pending = time.time(), []
+            for n, first in enumerate(mine, 1):
+                ids = range(first, min(first + batch_size, n_windows))
+                xy = np.stack([data[i * block_size:(i + 1) * block_size + 1] for i in ids]).astype(np.int64)
+                xy = torch.from_numpy(xy).to(device)
+                labels[ids.start:ids.stop] = labeler(xy[:, :-1], xy[:, 1:]).cpu().numpy()
+                pending.append(ids)
+                made += len(ids)
+                bar.update(len(ids) * block_size)
+                # progress survives an interruption: the labels first, then the flags that count them
+                if time.time() - last_save > 30 or n == len(mine):
+                    labels.flush()
+                    for done in pending:
+                        flags[done.start:done.stop] = 1
+                    flags.flush()
+                    pending, last_save = [], time.time()
+                    if rank == 0:
+                        header["done"] = int(np.argmin(flags)) if not flags.all() else n_windows
+                        write_header(json_path, header)
+            bar.close()
+            together()
+            if rank == 0:
+                header["done"] = n_windows
+                write_header(json_path, header)
+                os.remove(done_path)
+        # the speed of this process alone: a resumed run found part of the labels done
+        print(f"{s}: {n_windows * block_size:,} tokens labelled in {label_cache}, {made * block_size:,} of them by "
+              f"this {'run' if world_size == 1 else f'process ({rank} of {world_size})'} "
+              f"({made * block_size / max(time.time() - t0, 1e-9):,.0f} tok/s)")
+        together()

@@ -653,3 +653,26 @@ def device_and_autocast(device="auto", dtype="auto"):
         return device, dtype, nullcontext()
     ptdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     return device, dtype, torch.autocast(device_type=device_type, dtype=ptdtype)
+
+
+def start_processes(device="auto"):
+    """Under torchrun, this process's place in the job and its device, the process group started: (rank, local
+    rank, world size, torchrun's restart count, device), one GPU per process; (0, 0, 1, 0, device) alone."""
+    if "RANK" not in os.environ:
+        return 0, 0, 1, 0, device
+    import torch.distributed as dist
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device in ("auto", "cuda"):
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    # torchrun's store (hosted by its agent, or else by rank 0), its keys under a prefix per restart: the
+    # workers of a job that torchrun --max-restarts restarted read stale addresses from it otherwise (3 of 4
+    # restarts failed so on torch 2.13)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=not agent_store and rank == 0)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
+                            store=dist.PrefixStore(f"restart_{restart}", store), rank=rank, world_size=world_size)
+    return rank, local_rank, world_size, restart, device

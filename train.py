@@ -25,7 +25,7 @@ from attribution import LABEL_SETTINGS, LabelCache, load_labeler
 from configurator import configure
 from eval import evaluate, load_docs, parse_tasks, val_windows
 from files import atomic_write, load_checkpoint, load_meta, metrics_log
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, peak_flops
+from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, peak_flops, start_processes
 from prepare import Tokenizer
 from teacher import load_teacher
 
@@ -105,24 +105,7 @@ if n_embd % n_head:
 # processes and devices
 
 ddp = "RANK" in os.environ
-if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    # one GPU per process
-    if device in ("auto", "cuda"):
-        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda"):
-        torch.cuda.set_device(device)
-    # torchrun's store (hosted by its agent, or else by rank 0), its keys under a prefix per restart: the
-    # workers of a job that torchrun --max-restarts restarted read stale addresses from it otherwise (3 of 4
-    # restarts failed so on torch 2.13)
-    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
-                          is_master=not agent_store and rank == 0)
-    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo",
-                            store=dist.PrefixStore(f"restart_{restart}", store), rank=rank, world_size=world_size)
-else:
-    rank, local_rank, world_size, restart = 0, 0, 1, 0
+rank, local_rank, world_size, restart, device = start_processes(device)
 device, dtype, autocast = device_and_autocast(device, dtype)
 master = rank == 0
 device_type = "cuda" if device.startswith("cuda") else "cpu"

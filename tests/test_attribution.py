@@ -1,4 +1,7 @@
 import json
+import os
+import subprocess
+import sys
 from dataclasses import asdict
 
 import numpy as np
@@ -7,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attribution import ConceptLabeler, LabelCache
-from conftest import run, tiny_llama
+from conftest import ROOT, run, tiny_llama
 from model import GPT, GPTConfig
 from sae import TopKSAE
 from teacher import as_teacher
@@ -168,7 +171,8 @@ def test_label_cache_round_trips_resumes_and_refuses_another_run(parts, char_dat
         LabelCache(str(tmp / "labels"), "val", expect)
     resumed = run("attribution.py", *args)
     assert (tmp / "labels" / "val.bin").read_bytes() == complete
-    left = (header["n_windows"] - header["n_windows"] // 2) * header["block_size"]
+    # the batch of 64 windows that the half runs into is labelled again whole, as one process first labelled it
+    left = (header["n_windows"] - header["n_windows"] // 2 // 64 * 64) * header["block_size"]
     assert f"{header['n_windows'] * header['block_size']:,} tokens labelled in" in resumed.stdout
     assert f", {left:,} of them by this run (" in resumed.stdout
 
@@ -177,6 +181,40 @@ def test_label_cache_round_trips_resumes_and_refuses_another_run(parts, char_dat
             LabelCache(str(tmp / "labels"), "val", {**expect, key: value})
     proc = run("attribution.py", *args, "--label_source=post", check=False)
     assert proc.returncode == 1 and "holds labels made with other settings" in proc.stderr
+
+
+def test_labels_from_two_processes_equal_one_and_resume_with_any_count(char_data, concept_parts, tmp_path):
+    """torchrun with 2 processes (gloo) writes the cache one process writes, byte for byte; a 2-process run whose
+    second process stopped before any of its batches reached the disk is finished by 1 process, to the same bytes."""
+    args = [f"--data_dir={char_data}", f"--teacher={concept_parts / 'teacher'}",
+            f"--sae={concept_parts / 'sae' / 'sae.pt'}", "--sae_layer=0", "--block_size=32", "--split=both",
+            "--batch_size=4", "--device=cpu"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run("attribution.py", *args, f"--label_cache={one}")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "attribution.py"), *args, f"--label_cache={two}"],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "process (1 of 2)" in proc.stdout
+    names = ["train.bin", "train.json", "val.bin", "val.json"]
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir()) == names
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in names)
+
+    # process 1 of 2 labels batches 1, 3, 5, ... of 4 windows: stopped before any reached the disk
+    header = json.loads((two / "train.json").read_text())
+    n = header["n_windows"]
+    labels = np.memmap(two / "train.bin", dtype=header["dtype"], mode="r+", shape=(n, 32, 4))
+    flags = np.ones(n, dtype=np.uint8)
+    for first in range(4, n, 8):
+        labels[first:first + 4] = 0
+        flags[first:first + 4] = 0
+    labels.flush()
+    flags.tofile(two / "train.done")
+    (two / "train.json").write_text(json.dumps({**header, "done": 4}))
+    resumed = run("attribution.py", *args, f"--label_cache={two}")
+    assert f", {int((flags == 0).sum()) * 32:,} of them by this run (" in resumed.stdout
+    assert sorted(p.name for p in two.iterdir()) == names
+    assert all((one / name).read_bytes() == (two / name).read_bytes() for name in names)
 
 
 def test_command_refuses_bad_input(parts):
