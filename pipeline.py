@@ -463,8 +463,15 @@ def main():
                 running.remove(future)
                 future.result()
 
-    def execute(i, step):
-        print(f"[{i}/{len(chosen)}] {step.name} (log: {os.path.join(step.folder, 'log.txt')})", flush=True)
+    # students that start together say so in the order they were handed out, whichever thread runs first
+    turn, handed, started = [0], [0], threading.Condition()
+
+    def execute(i, step, ticket):
+        with started:
+            started.wait_for(lambda: turn[0] == ticket)
+            print(f"[{i}/{len(chosen)}] {step.name} (log: {os.path.join(step.folder, 'log.txt')})", flush=True)
+            turn[0] += 1
+            started.notify_all()
         step.execute()
         print(f"[{i}/{len(chosen)}] {step.name}: finished in {step.record()['seconds']:.0f} s", flush=True)
 
@@ -482,7 +489,8 @@ def main():
                                      f"settings: run `python pipeline.py --stage={need.stage}` first "
                                      f"(or `python pipeline.py` for all)")
             if parallel:
-                running.append(pool.submit(execute, i, step))
+                running.append(pool.submit(execute, i, step, handed[0]))
+                handed[0] += 1
             else:
                 print(f"[{i}/{len(chosen)}] {step.name}", flush=True)
                 step.execute()
