@@ -464,7 +464,7 @@ def main():
                 future.result()
 
     # students that start together say so in the order they were handed out, whichever thread runs first
-    turn, handed, started = [0], [0], threading.Condition()
+    turn, handed, started = [0], 0, threading.Condition()
 
     def execute(i, step, ticket):
         with started:
@@ -489,8 +489,8 @@ def main():
                                      f"settings: run `python pipeline.py --stage={need.stage}` first "
                                      f"(or `python pipeline.py` for all)")
             if parallel:
-                running.append(pool.submit(execute, i, step, handed[0]))
-                handed[0] += 1
+                running.append(pool.submit(execute, i, step, handed))
+                handed += 1
             else:
                 print(f"[{i}/{len(chosen)}] {step.name}", flush=True)
                 step.execute()

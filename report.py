@@ -135,6 +135,19 @@ def training(cfg, students_dir, names):
     }
 
 
+def diagnosed(model, tokens, start, concept, mode="scale", amount=1.0):
+    """What steering `concept` did to a CoCoMix model (sample.py --steer prints the same) over token rows (B, T)
+    at the positions from `start` on, those that sampled: the share at which it is in the TopK, the next-token KL,
+    its compressor column's norm and the median column's. Unsteered: scale 1, which changes nothing."""
+    d = steer_effect(model, tokens[:, :-1], {concept: amount}, mode, start)[0]
+    return {"in_topk": d["after"] / d["positions"], "kl": d["kl"], "column_norm": d["column_norm"],
+            "median_norm": d["median_norm"]}
+
+
+def column_ratio(row):
+    return "–" if row["column_norm"] is None else f"{row['column_norm'] / row['median_norm']:.2f}"
+
+
 def steering(cfg, folder, device, autocast, teacher=None, sae=None):
     """Paper §3.2 on one seed's student with concepts: for each planted topic the concept whose logit
     correlates most with it, and the share of the topic's words in samples with that concept scaled by
@@ -165,11 +178,6 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
             return model.generate(x, cfg.steer_tokens, temperature=1.0, steer={concept: amount} if mode else None,
                                   steer_mode=mode or "scale")
 
-    def diagnosed(y, concept, mode="scale", v=1.0):
-        # what the steer did (sample.py prints the same) at the positions that sampled; unsteered: scale 1
-        with autocast:
-            return steer_effect(model, y[:, :-1], {concept: v}, mode, x.size(1) - 1)[0]
-
     conditions = [(None, None, None)] + [(c, mode, v) for c, _ in tied if c is not None for mode, v, _ in steers]
     samples = {cond: generate(*cond) for cond in progress(conditions, desc=f"steering {os.path.basename(folder)}",
                                                           unit="condition")}
@@ -182,12 +190,12 @@ def steering(cfg, folder, device, autocast, teacher=None, sae=None):
         rows.append({"topic": name, "concept": concept, "correlation": corr,
                      "rate": topics.topic_rate(texts[(None, None, None)], topic_words), **steered})
         if teacher is not None and concept is not None:
-            d = diagnosed(samples[(None, None, None)], concept)
-            rows[-1].update(in_topk=d["after"] / d["positions"], column_norm=d["column_norm"],
-                            median_norm=d["median_norm"])
-            for mode, v, column in steers:
-                d = diagnosed(samples[(concept, mode, v)], concept, mode, v)
-                rows[-1].update({f"{column}_in_topk": d["after"] / d["positions"], f"{column}_kl": d["kl"]})
+            with autocast:
+                d = diagnosed(model, samples[(None, None, None)], x.size(1) - 1, concept)
+                rows[-1].update({k: d[k] for k in ("in_topk", "column_norm", "median_norm")})
+                for mode, v, column in steers:
+                    d = diagnosed(model, samples[(concept, mode, v)], x.size(1) - 1, concept, mode, v)
+                    rows[-1].update({f"{column}_in_topk": d["in_topk"], f"{column}_kl": d["kl"]})
     # the steering effect: the topic's rate gained, mean over the topics with a concept, per condition
     found = [row for row in rows if row["concept"] is not None]
     effect = {column: float(np.mean([row[column] - row["rate"] for row in found])) if found else None
@@ -269,13 +277,9 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
             hook.remove()
         return {"student": generate(student, steer={latent: v}, steer_mode=mode), "teacher": y_teacher}
 
-    def diagnosed(y, latent, mode="scale", v=1.0):
-        # what the student's steer did (sample.py prints the same): TopK presence at the positions that sampled,
-        # the next-token KL and the compressor column against the median; unsteered: scale 1, which changes nothing
+    def student_did(y, latent, mode="scale", v=1.0):
         with autocast:
-            d = steer_effect(student, torch.cat([x, y], 1)[:, :-1], {latent: v}, mode, x.size(1) - 1)[0]
-        return {"in_topk": d["after"] / d["positions"], "kl": d["kl"], "column_norm": d["column_norm"],
-                "median_norm": d["median_norm"]}
+            return diagnosed(student, torch.cat([x, y], 1), x.size(1) - 1, latent, mode, v)
 
     rows = []
     plain = {"student": generate(student), "teacher": generate(teacher)}
@@ -284,14 +288,14 @@ def real_text(cfg, students_dir, device, autocast, teacher, sae):
     examples = []
     for latent in progress(chosen, desc="steering", unit="concept"):
         rows.append({"concept": latent, "model": "student", "condition": "none", **measured(latent, plain["student"]),
-                     **diagnosed(plain["student"], latent)})
+                     **student_did(plain["student"], latent)})
         rows.append({"concept": latent, "model": "teacher", "condition": "none", **measured(latent, plain["teacher"])})
         for mode, amounts, sign in (("scale", scales, "×"), ("add", adds, "+")):
             for v in amounts:
                 steered = generate_steered(latent, mode, v)
                 for who, y in steered.items():
                     rows.append({"concept": latent, "model": who, "condition": f"{sign}{v:g}", **measured(latent, y),
-                                 **(diagnosed(y, latent, mode, v) if who == "student" else {})})
+                                 **(student_did(y, latent, mode, v) if who == "student" else {})})
                 if v == max(amounts):
                     examples.append({"concept": latent, "condition": f"{sign}{v:g}",
                                      **{who: tok.decode(y[0].tolist()) for who, y in steered.items()}})
@@ -518,8 +522,7 @@ def markdown(r):
     ]
     for row in r["steering"]:
         if row["concept"] is not None:
-            ratio = "–" if row["column_norm"] is None else f"{row['column_norm'] / row['median_norm']:.2f}"
-            lines.append(f"| {row['topic']} | {row['concept']} | {ratio} | {pct(row['in_topk'])} | "
+            lines.append(f"| {row['topic']} | {row['concept']} | {column_ratio(row)} | {pct(row['in_topk'])} | "
                          + " | ".join(pct(row[f"{c}_in_topk"]) for c in columns) + " | "
                          + " | ".join(f"{row[f'{c}_kl']:.4f}" for c in columns) + " |")
     ex = r["steering_example"]
@@ -587,8 +590,7 @@ def real_text_lines(r):
         (a, a_sd), (t, t_sd), (p, p_sd) = row["activation"], row["top_token_share"], row["perplexity"]
         did = "– | – | –"
         if "kl" in row:
-            ratio = "–" if row["column_norm"] is None else f"{row['column_norm'] / row['median_norm']:.2f}"
-            did = f"{pct(row['in_topk'])} | {row['kl']:.4f} | {ratio}"
+            did = f"{pct(row['in_topk'])} | {row['kl']:.4f} | {column_ratio(row)}"
         lines.append(f"| {row['concept']} ({names.get(row['concept'], '')}) | {row['model']} | {row['condition']} | "
                      f"{a:.3f} ± {a_sd:.3f} | {pct(t)} ± {pct(t_sd)} | {p:.1f} ± {p_sd:.1f} | {did} |")
     plain = r["steering_samples"]
