@@ -17,8 +17,24 @@ constants and never settings.
 import ast
 import math
 import os
+import platform
 import re
 import sys
+
+# The same bits on every x86 machine, set before torch loads, in a process and every one it starts: torch's own CPU
+# kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU. MKL takes
+# another path on AMD CPUs whatever else it is told, and under MKL_CBWR=AVX2,STRICT an (emulated) AMD Rome still
+# sums some products otherwise than an Intel CPU (docs/reproducibility.md). The price, bench.py --measure=pins:
+# on an AVX-512 Intel Xeon 2.7 times a student's step, 3.2 times SmolLM2's labelling.
+PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
+
+
+def pin_kernels():
+    """Sets PINS in this process's environment on an x86 CPU, to be called before torch loads; a user's own
+    settings win."""
+    if platform.machine() in ("x86_64", "AMD64"):
+        os.environ.update({name: value for name, value in PINS.items() if name not in os.environ})
+
 
 BOOLS = {"true": True, "false": False, "1": True, "0": False}
 

@@ -34,7 +34,6 @@ shapes and budgets share the teacher, the SAE and the labels; their report in re
 import hashlib
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,14 +42,11 @@ import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from types import SimpleNamespace
 
-# The same bits on every x86 machine, set before torch loads, here and in every stage this runs: torch's own CPU
-# kernels as on a CPU without AVX-512 (AVX-512 ones round otherwise), and MKL's code path for any x86 CPU. MKL takes
-# another path on AMD CPUs whatever else it is told, and under MKL_CBWR=AVX2,STRICT an (emulated) AMD Rome still
-# sums some products otherwise than an Intel CPU (docs/reproducibility.md). The price, bench.py --measure=pins:
-# on an AVX-512 Intel Xeon 2.7 times a student's step, 3.2 times SmolLM2's labelling. A user's own settings win.
-PINS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE"}
-if __name__ == "__main__" and platform.machine() in ("x86_64", "AMD64"):
-    os.environ.update({name: value for name, value in PINS.items() if name not in os.environ})
+from configurator import PINS, pin_kernels
+
+# the same bits on every x86 machine, here and in every stage this runs
+if __name__ == "__main__":
+    pin_kernels()
 
 import torch  # noqa: E402
 

@@ -21,21 +21,25 @@ whose pre-activation correlates most with each topic), their words the topic's; 
     python steering.py --student=out-pipeline/4x128-c2-300it/cocomix-1
     python steering.py --student=out-smollm2/4x96-c2-40it/cocomix-1 --words="door window; night evening"
 
-Its figures are the same on every x86 CPU under the pipeline's pins (ATEN_CPU_CAPABILITY=avx2
-MKL_CBWR=COMPATIBLE in the environment, as docs/steering.md ran it).
+It runs under the pipeline's pins (configurator.PINS): its figures are the same on every x86 CPU.
 """
 
 import os
 
-import numpy as np
-import torch
+from configurator import pin_kernels
 
-import concepts
-import topics
-from attribution import LabelCache
-from files import load_checkpoint, load_meta, progress
-from model import GPT, device_and_autocast
-from prepare import Tokenizer
+if __name__ == "__main__":
+    pin_kernels()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import concepts  # noqa: E402
+import topics  # noqa: E402
+from attribution import LabelCache  # noqa: E402
+from files import load_checkpoint, load_meta, progress  # noqa: E402
+from model import GPT, device_and_autocast  # noqa: E402
+from prepare import Tokenizer  # noqa: E402
 
 
 def label_concentration(labels, n_concepts, top=10):
