@@ -58,6 +58,22 @@ HIDDEN_LOSSES = ("l1", "l2", "cosine")
 STEER_MODES = ("scale", "add")
 
 
+def objective_args(settings, hidden_size=0):
+    """The GPTConfig fields an objective sets beyond a plain GPT's, from train.py's `settings` (a dict of them);
+    `hidden_size`: the teacher's width, which objective 'hidden' predicts."""
+    objective = settings["objective"]
+    if objective == "cocomix":
+        return {k: settings[k] for k in CONCEPT_ARGS}
+    if objective == "hidden":
+        return {"concept_layer": settings["concept_layer"], "mixing": settings["mixing"],
+                "lam_concept": settings["lam_concept"], "hidden_size": hidden_size,
+                "hidden_loss": settings["hidden_loss"]}
+    args = {"concept_layer": settings["concept_layer"], "pause": True} if objective in ("pause", "pause_kd") else {}
+    if objective in ("kd", "pause_kd"):
+        args["lam_kd"] = settings["lam_kd"]
+    return args
+
+
 class Output(NamedTuple):
     """What GPT.forward returns: logits (B, T, vocab_size); with targets, loss = ntp_loss + lam_concept x
     concept_loss (eq. 4) + lam_kd x kd_loss; concept_logits z (B, T, n_concepts) of a model with concepts.

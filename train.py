@@ -25,7 +25,8 @@ from attribution import LABEL_SETTINGS, LabelCache, load_labeler
 from configurator import configure
 from eval import evaluate, load_docs, parse_tasks, val_windows
 from files import atomic_write, load_checkpoint, load_meta, metrics_log
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, peak_flops, start_processes
+from model import (CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, layer_norm, objective_args, peak_flops,
+                   start_processes)
 from prepare import Tokenizer
 from teacher import load_teacher
 
@@ -247,15 +248,7 @@ def train_batch(step, micro_step):
 torch.manual_seed(seed + rank)
 model_args = dict(n_layer=n_layer, n_head=n_head, n_embd=n_embd, block_size=block_size, bias=bias,
                   vocab_size=meta["vocab_size"], dropout=dropout)
-if objective == "cocomix":
-    model_args.update({k: config[k] for k in CONCEPT_ARGS})
-elif objective == "hidden":
-    model_args.update(concept_layer=concept_layer, mixing=mixing, lam_concept=lam_concept,
-                      hidden_size=teacher_model.n_embd, hidden_loss=hidden_loss)
-elif objective in ("pause", "pause_kd"):
-    model_args.update(concept_layer=concept_layer, pause=True)
-if distill:
-    model_args["lam_kd"] = lam_kd
+model_args.update(objective_args(config, teacher_model.n_embd if objective == "hidden" else 0))
 # the settings a resumed run must share with its checkpoint (one from before a setting existed ran at its default)
 resume_keys = ("n_layer", "n_head", "n_embd", "block_size", "bias", "objective", *CONCEPT_ARGS, "k_attr",
                "label_source", "label_sign", "label_score", "label_dtype", "teacher", "sae_layer", "hidden_loss",
