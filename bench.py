@@ -5,6 +5,7 @@ Speed and memory of the paper's runs, printed as tables (random weights: the fig
     python bench.py --batch_size=2              # the same in minutes on a CPU
     python bench.py --pair=386m --compile=True  # on a GPU: tokens/s, MFU, step time against the FLOP floor
     python bench.py --measure=memory            # peak memory of every paper config at its batch_size
+    python bench.py --measure=gpu --iters=20    # a GPU: the whole checklist, results in out_dir (a CPU: a dry run)
     python bench.py --measure=labeler           # labeler tokens/s and memory; bf16 labels against fp32 ones
     python bench.py --measure=labeler --teacher=smollm2 --sae_layer=14 --batch_size=4 --block_size=256
     python bench.py --measure=nanogpt --nanogpt_dir=../nanoGPT   # NTP against nanoGPT, same shape and machine
@@ -13,6 +14,7 @@ Speed and memory of the paper's runs, printed as tables (random weights: the fig
                                                 # what pipeline.py's pins cost: pinned / unpinned, side by side
 """
 
+import gc
 import json
 import os
 import pickle
@@ -24,6 +26,9 @@ import tempfile
 import time
 import weakref
 import zlib
+from functools import partial
+from importlib.metadata import version as package_version
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -32,7 +37,8 @@ from torch.utils._pytree import tree_leaves
 
 from attribution import ConceptLabeler
 from configurator import configure, script_settings
-from model import CONCEPT_ARGS, GPT, GPTConfig, device_and_autocast, peak_flops
+from files import write_text
+from model import GPT, GPTConfig, device_and_autocast, objective_args, peak_flops
 from sae import TopKSAE
 from teacher import as_teacher, load_teacher
 
@@ -41,7 +47,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TEACHERS = {"tiny": (4, 4, 128, 50257), "gpt2-124m": (12, 12, 768, 50257)}
 PAIRS = ("69m", "386m", "1b")
 
-measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt', 'bits' or 'pins'
+measure = "train"  # 'train', 'memory', 'labeler', 'nanogpt', 'bits', 'pins' or 'gpu'
 pair = "69m"  # train: config/ntp_<pair>.py against config/cocomix_<pair>.py
 teacher = "tiny"  # labeler, pins: 'tiny' (4 blocks, width 128), 'gpt2-124m' (random weights), or a name: smollm2, ...
 sae_layer = 1  # labeler: the block the SAE reads (train, memory: the config's)
@@ -50,19 +56,21 @@ sae_k = 32  # active SAE latents per token (OpenAI's GPT-2 SAEs: 32)
 k_attr = 4  # labeler: labels per position (train, memory: the config's)
 chunk_size = 1024  # labeler: positions scored at once
 label_dtype = "float32"  # the online labeler's precision (labeler: measured beside float32, whose labels it is held to)
-batch_size = 8  # sequences per step or call (memory: each config's own)
+batch_size = 8  # sequences per step or call (memory, gpu: each config's own)
 block_size = 1024  # tokens per sequence
-iters = 3  # timed steps or calls after one warm-up
+iters = 3  # timed steps or calls after the warm-up (gpu: the checklist takes 20)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # precision: 'auto', 'float32', 'bfloat16', 'float16' (memory on a CPU: estimated for bfloat16)
-compile = False  # train, memory: torch.compile the student (CUDA)
+compile = False  # train, memory: torch.compile the student (CUDA; gpu always compiles)
 nanogpt_dir = ""  # nanogpt: a karpathy/nanoGPT checkout
 runs = 5  # nanogpt, pins: whole-process runs of each, alternating
+out_dir = "out-bench"  # gpu: the folder its results go to (gpu.md, gpu.json)
+budget_s = 420  # gpu: no config starts after this many seconds (those left are listed as not run)
 mode = ""  # internal: ntp, cached, online (a fresh process: its own peak memory), or pins (its own environment)
 # the range of each numeric setting, checked before any work; a bound may name another setting
 RANGES = {"sae_layer": "[0, inf)", "n_concepts": "[1, inf)", "sae_k": "[1, n_concepts]", "k_attr": "[1, n_concepts]",
           "chunk_size": "[1, inf)", "batch_size": "[1, inf)", "block_size": "[1, inf)", "iters": "[1, inf)",
-          "runs": "[1, inf)"}
+          "runs": "[1, inf)", "budget_s": "[0, inf)"}
 
 
 def peak_bytes(device):
@@ -135,63 +143,101 @@ def storage_bytes(tensors):
 
 
 def config_of(name):
-    return configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
+    """train.py's settings under config/<name>.py, at the bench's block_size."""
+    c = configure(script_settings(os.path.join(HERE, "train.py")), [os.path.join(HERE, "config", f"{name}.py")])
+    return {**c, "block_size": block_size}
 
 
-def build(name, labels, dev, autocast, batch):
-    """A training step of config/<name>.py at `batch` x block_size tokens: labels 'cached' (random), 'online'
-    (a GPT-2-124M-shaped teacher and a 32k SAE label each batch, as train.py does) or None (NTP). Returns
-    (step, model, optimizer, labeler, the step's inputs); the optimiser is the one train.py makes."""
-    c = config_of(name)
-    concepts = {k: c[k] for k in CONCEPT_ARGS} if labels else {}
-    torch.manual_seed(0)
-    # made on the device: fake tensors cannot move
-    with torch.device(dev):
-        model = GPT(GPTConfig(block_size=block_size, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
-                              n_embd=c["n_embd"], **concepts))
-    optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
-    step_model = torch.compile(model) if compile and dev.startswith("cuda") else model
-    labeler = None
-    if labels == "online":
-        n_layer, n_head, n_embd, vocab = TEACHERS["gpt2-124m"]
+def build(c, labels, dev, autocast, batch, compiler=None, teacher_shape=TEACHERS["gpt2-124m"], student=None):
+    """A training step of train.py's settings `c` (config_of) at `batch` x c["block_size"] tokens, as train.py
+    takes it: CoCoMix's labels `labels` 'cached' (random) or 'online' (a teacher of `teacher_shape` with random
+    weights and a 32k SAE label each batch); KD's teacher logits from such a teacher. `compiler` wraps the
+    model (torch.compile); `student`, an earlier build of the same config, lends its model, optimiser and
+    compiled model. Returns a namespace: step() (the step's loss), model, optimizer, compiled, teacher, labeler,
+    inputs, and flops (training FLOPs per token, the teacher's or labeller's counted in)."""
+    T = c["block_size"]
+    if student is None:
+        torch.manual_seed(0)
+        # made on the device: fake tensors cannot move
         with torch.device(dev):
-            t = GPT(GPTConfig(block_size=max(block_size, 1024), vocab_size=vocab, n_layer=n_layer, n_head=n_head,
-                              n_embd=n_embd))
-            labeler = ConceptLabeler(t, TopKSAE(c["n_concepts"], n_embd, sae_k), c["sae_layer"], c["k_attr"],
-                                     label_dtype=label_dtype)
-    x, y = (torch.randint(0, 50257, (batch, block_size), device=dev) for _ in range(2))
-    cached = torch.randint(0, c["n_concepts"], (batch, block_size, c["k_attr"]), device=dev) if labels else None
+            model = GPT(GPTConfig(block_size=T, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
+                                  n_embd=c["n_embd"], **objective_args(c)))
+        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
+        compiled = compiler(model) if compiler else model
+    else:
+        model, optimizer, compiled = student.model, student.optimizer, student.compiled
+    teacher = labeler = None
+    if labels == "online" or c["objective"] in ("kd", "pause_kd"):
+        n_layer, n_head, n_embd, vocab = teacher_shape
+        with torch.device(dev):
+            teacher = as_teacher(GPT(GPTConfig(block_size=max(T, 1024), vocab_size=vocab, n_layer=n_layer,
+                                               n_head=n_head, n_embd=n_embd)))
+            if labels == "online":
+                labeler = ConceptLabeler(teacher, TopKSAE(c["n_concepts"], n_embd, sae_k), c["sae_layer"],
+                                         c["k_attr"], label_dtype=label_dtype)
+    x, y = (torch.randint(0, 50257, (batch, T), device=dev) for _ in range(2))
+    cached = torch.randint(0, c["n_concepts"], (batch, T, c["k_attr"]), device=dev) if labels == "cached" else None
+
+    def extra():
+        """What the objective needs beside the tokens, as train.py's get_batch gives it."""
+        if labeler is not None:
+            return {"concept_labels": labeler(x, y)}
+        if cached is not None:
+            return {"concept_labels": cached}
+        if teacher is not None:
+            with torch.no_grad():
+                return {"teacher_logits": teacher(x)}
+        return {}
 
     def step():
         with autocast:
-            concept_labels = labeler(x, y) if labeler else cached
-            loss = step_model(x, y, concept_labels).loss
+            loss = compiled(x, y, **extra()).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if dev.startswith("cuda"):
             torch.cuda.synchronize()
+        return loss.detach()
 
-    return step, model, optimizer, labeler, [x, y] + ([cached] if labels else [])
+    flops = model.flops_per_token()
+    if labeler is not None:
+        flops += labeler.flops_per_token(T)
+    elif teacher is not None:
+        flops += teacher.flops_per_token(T)
+    inputs = [x, y] + ([cached] if cached is not None else [])
+    return SimpleNamespace(step=step, model=model, optimizer=optimizer, compiled=compiled, teacher=teacher,
+                           labeler=labeler, inputs=inputs, flops=flops)
 
 
-def estimate_peak(name, labels, batch):
+def estimate_peak(c, labels, batch, teacher_shape=TEACHERS["gpt2-124m"]):
     """The peak bytes of one training step on a GPU under bf16 autocast, estimated on this machine: the
     step runs on fake tensors (shapes without data) and LiveBytes counts what lives at once, on top of the
     weights, optimiser state, teacher, SAE and batch."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
-        step, model, optimizer, labeler, inputs = build(name, labels, "cpu", torch.autocast("cpu", torch.bfloat16),
-                                                         batch)
-        step()
-        state = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-        held = [*model.parameters(), *state, *inputs]
-        if labeler:
-            sae = [v for v in labeler.sae.state_dict().values() if torch.is_tensor(v)]
-            held += [*labeler.teacher.parameters(), *sae]
+        run = build(c, labels, "cpu", torch.autocast("cpu", torch.bfloat16), batch, teacher_shape=teacher_shape)
+        run.step()
+        state = [v for s in run.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
+        held = [*run.model.parameters(), *state, *run.inputs]
+        if run.teacher is not None:
+            held += [*run.teacher.parameters()]
+        if run.labeler is not None:
+            held += [v for v in run.labeler.sae.state_dict().values() if torch.is_tensor(v)]
         with LiveBytes() as live:
-            step()
+            run.step()
     return storage_bytes(held) + live.peak
+
+
+def attention_kernels(step):
+    """{query length: the SDPA kernels (flash, memory-efficient, cuDNN or math) that ran the forward attention
+    of one call of `step`}, as the profiler names them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        step()
+    kernels = {}
+    for e in prof.events():
+        if e.name.startswith("aten::_scaled_dot_product") and not e.name.endswith("backward") and e.input_shapes:
+            kernels.setdefault(e.input_shapes[0][2], set()).add(e.name.removeprefix("aten::"))
+    return {t: sorted(names) for t, names in sorted(kernels.items())}
 
 
 def labeler_teacher():
@@ -245,15 +291,13 @@ def bench_train_mode():
     """One training step of the pair's NTP model, or its CoCoMix model with cached or online labels, timed in
     this process: prints a JSON line."""
     name = ("ntp_" if mode == "ntp" else "cocomix_") + pair
-    step, model, _, labeler, _ = build(name, None if mode == "ntp" else mode, device, autocast, batch_size)
-    dt, peak, extra = timed(step, device)
-    # the attention kernel SDPA chose (flash, memory-efficient, cuDNN or math), as the profiler names it
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step()
-    sdpa = sorted({e.name for e in prof.events() if e.name.startswith("aten::_") and "attention" in e.name})
-    print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": model.get_num_params(), "sdpa": sdpa,
-                      "flops": model.flops_per_token(),
-                      "labeler_flops": labeler.flops_per_token(block_size) if labeler else 0,
+    compiler = torch.compile if compile and device.startswith("cuda") else None
+    run = build(config_of(name), None if mode == "ntp" else mode, device, autocast, batch_size, compiler)
+    dt, peak, extra = timed(run.step, device)
+    kernels = attention_kernels(run.step)
+    print(json.dumps({"step_s": dt, "peak": peak, "extra": extra, "params": run.model.get_num_params(),
+                      "sdpa": sorted({k for names in kernels.values() for k in names}),
+                      "flops": run.model.flops_per_token(), "labeler_flops": run.flops - run.model.flops_per_token(),
                       "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"}))
 
 
@@ -301,20 +345,22 @@ def bench_memory():
     for p in PAIRS:
         for objective in ("ntp", "cocomix"):
             name = f"{objective}_{p}"
-            batch = config_of(name)["batch_size"]
+            c = config_of(name)
             labels = "online" if objective == "cocomix" else None
             if on_gpu:
-                peak = run_mode("ntp" if labels is None else labels, f"--pair={p}", f"--batch_size={batch}")["peak"]
+                peak = run_mode(labels or "ntp", f"--pair={p}", f"--batch_size={c['batch_size']}")["peak"]
             else:
-                peak = estimate_peak(name, labels, batch)
-            with torch.device("meta"):
-                c = config_of(name)
-                concepts = {k: c[k] for k in CONCEPT_ARGS} if labels else {}
-                params = sum(q.numel() for q in GPT(GPTConfig(block_size=block_size, n_layer=c["n_layer"],
-                                                              n_head=c["n_head"], n_embd=c["n_embd"],
-                                                              **concepts)).parameters())
+                peak = estimate_peak(c, labels, c["batch_size"])
             # DDP keeps a bucketed copy of the fp32 gradients
-            print(f"  {name:<13} {batch:>10} {peak / 2**30:9.1f} {(peak + 4 * params) / 2**30:14.1f}")
+            ddp = 4 * sum(q.numel() for q in meta_model(c).parameters())
+            print(f"  {name:<13} {c['batch_size']:>10} {peak / 2**30:9.1f} {(peak + ddp) / 2**30:14.1f}")
+
+
+def meta_model(c):
+    """The model of train.py's settings `c`, without storage."""
+    with torch.device("meta"):
+        return GPT(GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                             **objective_args(c)))
 
 
 class OperatorHashes(TorchDispatchMode):
@@ -492,12 +538,209 @@ def bench_nanogpt():
               f"(range {min(ratios):.3f}-{max(ratios):.3f}; below 1 is faster)")
 
 
+# measure=gpu: the paper's configs in the order they matter, timed until budget_s runs out
+GPU_CONFIGS = ("cocomix_69m", "ntp_69m", "ntp_386m", "cocomix_386m", "ntp_1b", "cocomix_1b", "kd_69m", "pause_69m")
+# compiled against eager: bf16 rounds to 8 significant bits (2^-8 = 0.4%); ten steps' losses may drift by a few
+# roundings, not more
+COMPILE_RTOL = 1e-2
+# cached decoding against recomputation: a token whose logit is this many bf16 units in the last place of the largest
+# (or fewer) below it is a rounding apart from the argmax
+DECODE_ULPS = 4
+# warm-up steps before the timed ones: the first compiles the forward and backward, the second the optimiser's state
+WARMUP = 2
+
+
+def dry_run_shapes(c):
+    """A config at the CPU dry run's tiny shapes, its objective and layout kept: 4 blocks of width 32 (40 where
+    the paper widens the baselines), concepts mixed before block 2, 512 concepts, the SAE on block 1 of a 4-block
+    teacher, 32 tokens a sequence, 2 sequences."""
+    return {**c, "n_layer": 4, "n_head": 2, "n_embd": 32 if c["objective"] == "cocomix" else 40, "concept_layer": 2,
+            "n_concepts": 512, "concept_topk": 8, "sae_layer": 1, "block_size": 32, "batch_size": 2}
+
+
+def check_decoding(c, dev, autocast):
+    """Greedy decoding with the KV cache (2T positions above concept_layer where concepts or pauses interleave)
+    against recomputation: at each step the cache took, the whole prefix run again without a cache. A decoded
+    token is the recomputation's argmax; or an exact tie with it (its logit equal to the largest); or a rounding
+    apart, its logit within DECODE_ULPS bf16 units in the last place of the largest (bf16 rounds otherwise where
+    the cache's products have other shapes: on a CPU cached logits move by one unit from 16 positions on); or it
+    differs, as a wrong cache would."""
+    T = c["block_size"]
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = GPT(GPTConfig(block_size=T, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
+                              n_embd=c["n_embd"], **objective_args(c))).eval()
+    prompt = torch.randint(0, 50257, (4, min(T // 4, 64)), device=dev)
+    with autocast, torch.no_grad():
+        seq = model.generate(prompt, min(T // 2, 128), temperature=0)
+        logits = torch.stack([model(seq[:, :t]).logits[:, -1].float() for t in range(prompt.size(1), seq.size(1))], 1)
+    decoded = seq[:, prompt.size(1):]
+    largest = logits.max(-1).values
+    own = logits.gather(-1, decoded[..., None])[..., 0]
+    # a bf16 unit in the last place of x: 8 significant bits
+    ulp = torch.exp2(torch.floor(torch.log2(largest.abs())) - 7)
+    equal = logits.argmax(-1) == decoded
+    tie = ~equal & (own == largest)
+    rounding = ~equal & ~tie & (largest - own <= DECODE_ULPS * ulp)
+    differ = ~equal & ~tie & ~rounding
+    return {"tokens": decoded.numel(), "equal": int(equal.sum()), "ties": int(tie.sum()),
+            "rounding": int(rounding.sum()), "differ": int(differ.sum()),
+            "largest_gap_ulps": ((largest - own) / ulp)[~equal].max().item() if (~equal).any() else 0.0,
+            "ok": not differ.any()}
+
+
+def gpu_row(name, c, labels, run, dev, first_s, teacher_shape):
+    """The timed steps of a built config (its warm-up done, taking first_s seconds): a row of the results."""
+    t0 = time.time()
+    for _ in range(iters):
+        run.step()
+    step_s = (time.time() - t0) / iters
+    peak = peak_bytes(dev)
+    tokens_s = c["batch_size"] * c["block_size"] / step_s
+    top = peak_flops(dev)
+    return {"config": name, "labels": labels, "batch_size": c["batch_size"], "params": run.model.get_num_params(),
+            "flops": run.flops, "student_flops": run.model.flops_per_token(), "step_s": step_s, "tokens_s": tokens_s,
+            "mfu": run.flops * tokens_s / top if top else None, "peak_gib": peak / 2**30,
+            "estimate_gib": estimate_peak(c, labels, c["batch_size"], teacher_shape) / 2**30,
+            "first_s": first_s, "attention": {str(t): k for t, k in attention_kernels(run.step).items()}}
+
+
+def free_memory(dev):
+    """Drops what the last config left: its compiled graphs (else torch.compile's limit of recompilations per
+    function would be met), its cached memory blocks, the peak counter."""
+    torch._dynamo.reset()
+    gc.collect()
+    if dev.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+
+
+def bench_gpu():
+    """The GPU checklist in one process, its results (gpu.md, gpu.json) rewritten in out_dir after each stage:
+    cached decoding against recomputation; compiled against eager (cocomix_69m, 10 steps); then each of
+    GPU_CONFIGS compiled, at its batch_size, CoCoMix with cached and with online labels (a teacher of GPT-2 124M's
+    shape and a 32k SAE, random weights), KD with such a teacher: tokens/s, MFU, peak memory beside
+    estimate_peak's, the attention kernels; against NTP per token beside the FLOP ratio. On a CPU: a dry run, the
+    same code at dry_run_shapes with a compiler that only traces (aot_eager)."""
+    on_gpu = device.startswith("cuda")
+    compiler = torch.compile if on_gpu else partial(torch.compile, backend="aot_eager")
+    teacher_shape = TEACHERS["gpt2-124m" if on_gpu else "tiny"]
+    start = time.time()
+    results = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu (a dry run)",
+               "torch": torch.__version__, "transformers": package_version("transformers"), "dtype": dtype,
+               "compiler": "inductor" if on_gpu else "aot_eager (traces only)", "timed_steps": iters,
+               "checks": {}, "rows": [], "not_run": []}
+    os.makedirs(out_dir, exist_ok=True)
+
+    def save():
+        results["seconds"] = time.time() - start
+        write_text(os.path.join(out_dir, "gpu.json"), json.dumps(results, indent=1) + "\n")
+        write_text(os.path.join(out_dir, "gpu.md"), gpu_markdown(results))
+
+    def config(name):
+        c = config_of(name)
+        return c if on_gpu else dry_run_shapes(c)
+
+    results["checks"]["decoding"] = {n: check_decoding(config(n), device, autocast)
+                                     for n in ("ntp_69m", "cocomix_69m", "pause_69m")}
+    save()
+    for name in GPU_CONFIGS:
+        c = config(name)
+        student = None
+        for labels in ("cached", "online") if c["objective"] == "cocomix" else (None,):
+            if time.time() - start > budget_s:
+                results["not_run"].append(f"{name}" + (f" ({labels} labels)" if labels else ""))
+                continue
+            if student is None:
+                free_memory(device)
+            elif on_gpu:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.time()
+            if name == "cocomix_69m" and labels == "cached":
+                # the compile check: eager and compiled from the same weights on the same batch, 10 steps each
+                eager = build(c, labels, device, autocast, c["batch_size"])
+                eager_losses = [eager.step().item() for _ in range(10)]
+                del eager
+                free_memory(device)
+                t0 = time.time()
+                run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape)
+                losses = [run.step().item() for _ in range(10)]
+                worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
+                results["checks"]["compiled"] = {"config": name, "eager": eager_losses, "compiled": losses,
+                                                 "largest_relative_difference": worst, "ok": worst <= COMPILE_RTOL}
+            else:
+                run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape, student)
+                for _ in range(WARMUP):
+                    run.step()
+            results["rows"].append(gpu_row(name, c, labels, run, device, time.time() - t0, teacher_shape))
+            print(f"{name}{f' ({labels} labels)' if labels else ''}: {results['rows'][-1]['tokens_s']:,.0f} tokens/s",
+                  flush=True)
+            student = run
+            del run
+            save()
+    # the attention after an interleave runs on 2T positions: it must not fall back to the math kernel
+    interleaved = {r["config"]: r["attention"].get(str(2 * config(r["config"])["block_size"]), [])
+                   for r in results["rows"] if config(r["config"])["objective"] in ("cocomix", "pause")}
+    results["checks"]["attention_2T"] = {"kernels": interleaved, "ok": bool(interleaved) and all(
+        k and not any("math" in n for n in k) for k in interleaved.values())}
+    save()
+    print(f"results: {os.path.join(out_dir, 'gpu.md')}, gpu.json ({results['seconds']:.0f} s)")
+
+
+def gpu_markdown(r):
+    """The results of bench_gpu as a page."""
+    lines = [f"# `python bench.py --measure=gpu`", "",
+             f"{r['device']}; torch {r['torch']}, transformers {r['transformers']}, {r['dtype']}, compiled by "
+             f"{r['compiler']}; {r['timed_steps']} timed steps a config after {WARMUP} warm-up steps (their time, "
+             f"compilation included, in 'first s'; cocomix_69m's are the compile check's 10); random weights and "
+             f"tokens; {r['seconds']:.0f} s in all.", "",
+             "## Checks", "", "| check | result | ok |", "|---|---|---|"]
+    for name, d in r["checks"].get("decoding", {}).items():
+        lines.append(f"| cached greedy decoding = recomputation, {name} | {d['tokens']} tokens: {d['equal']} the "
+                     f"argmax, {d['ties']} exact ties, {d['rounding']} within {DECODE_ULPS} bf16 ulps, {d['differ']} "
+                     f"differ (largest gap {d['largest_gap_ulps']:.1f} ulps) | {'yes' if d['ok'] else 'NO'} |")
+    if "compiled" in r["checks"]:
+        d = r["checks"]["compiled"]
+        lines.append(f"| compiled = eager, {d['config']} (cached labels), 10 steps | largest relative loss difference "
+                     f"{d['largest_relative_difference']:.2e} (at most {COMPILE_RTOL:g}) | {'yes' if d['ok'] else 'NO'} |")
+    if "attention_2T" in r["checks"]:
+        d = r["checks"]["attention_2T"]
+        kernels = "; ".join(f"{n}: {', '.join(k) or 'none seen'}" for n, k in d["kernels"].items())
+        lines.append(f"| SDPA kernel of the 2T interleaved attention (not math) | {kernels} | "
+                     f"{'yes' if d['ok'] else 'NO'} |")
+    lines += ["", "## Configs", "",
+              "| config | labels | batch | params | GFLOPs/token | s/step | tokens/s | MFU | peak GiB | estimate GiB "
+              "| first s | attention (query length: kernel) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for w in r["rows"]:
+        mfu = f"{100 * w['mfu']:.1f}%" if w["mfu"] is not None else "-"
+        attention = "; ".join(f"{t}: {', '.join(k)}" for t, k in w["attention"].items())
+        lines.append(f"| {w['config']} | {w['labels'] or '-'} | {w['batch_size']} | {w['params'] / 1e6:.1f}M | "
+                     f"{w['flops'] / 1e9:.3f} | {w['step_s']:.4f} | {w['tokens_s']:,.0f} | {mfu} | "
+                     f"{w['peak_gib']:.2f} | {w['estimate_gib']:.2f} | {w['first_s']:.1f} | {attention} |")
+    if r["not_run"]:
+        lines += ["", f"Not run (past budget_s): {', '.join(r['not_run'])}."]
+    lines += ["", "## Against NTP", "",
+              "Per token, each row's step time over its NTP twin's, beside the ratio of their FLOPs per token (the "
+              "floor: a step exactly as much dearer as its arithmetic is 1.00 x floor).", "",
+              "| config | labels | time x NTP | FLOPs x NTP | x floor |", "|---|---|---|---|---|"]
+    per_token = {(w["config"], w["labels"]): w for w in r["rows"]}
+    for w in r["rows"]:
+        ntp = per_token.get(("ntp_" + w["config"].split("_")[1], None))
+        if ntp is None or ntp is w:
+            continue
+        time_ratio = (w["step_s"] / w["batch_size"]) / (ntp["step_s"] / ntp["batch_size"])
+        floor = w["flops"] / ntp["flops"]
+        lines.append(f"| {w['config']} | {w['labels'] or '-'} | {time_ratio:.2f} | {floor:.2f} | "
+                     f"{time_ratio / floor:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
     configure(globals(), ranges=RANGES)
     device, dtype, autocast = device_and_autocast(device, dtype)
     torch.backends.cuda.matmul.allow_tf32 = True
     measures = {"train": bench_train, "memory": bench_memory, "labeler": bench_labeler, "nanogpt": bench_nanogpt,
-                "bits": bench_bits, "pins": bench_pins}
+                "bits": bench_bits, "pins": bench_pins, "gpu": bench_gpu}
     if measure not in measures:
         raise SystemExit(f"error: measure must be one of {', '.join(measures)}, not {measure!r}")
     if mode == "pins":

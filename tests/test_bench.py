@@ -1,5 +1,6 @@
 """bench.py's instruments: the live-bytes counter behind the memory estimates, and the FLOP counts behind the
 floor, each against an independent computation."""
+import json
 import re
 
 import pytest
@@ -10,9 +11,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from attribution import ConceptLabeler
-from bench import LiveBytes
+from bench import GPU_CONFIGS, LiveBytes, check_decoding, config_of, dry_run_shapes
 from conftest import AVX2_ONLY, run
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, KVCache
 from pipeline import PINS
 from sae import TopKSAE
 
@@ -155,3 +156,55 @@ def test_operator_hashes_repeat_and_see_which_kernels_ran():
     other = run("bench.py", "--measure=bits", env={**pins, "ATEN_CPU_CAPABILITY": "default"}).stdout.splitlines()
     differ = [a for a, b in zip(first, other) if a != b]
     assert len(other) == len(first) and differ and differ[0].startswith("aten.") and "[(" in differ[0]
+
+
+def gpu_dry_run(tmp_path, *args):
+    run("bench.py", "--measure=gpu", "--iters=2", "--dtype=bfloat16", f"--out_dir={tmp_path}", *args)
+    return json.loads((tmp_path / "gpu.json").read_text()), (tmp_path / "gpu.md").read_text()
+
+
+def test_the_gpu_checklist_dry_runs_on_a_cpu(tmp_path):
+    """bench.py --measure=gpu on a CPU: the whole checklist at tiny shapes under bf16 autocast, every check passing;
+    a row for each paper config (CoCoMix's with cached and with online labels) whose attention ran at T positions,
+    and at 2T where concepts or pauses interleave; its page's ratios against NTP are the JSON's times per token."""
+    results, page = gpu_dry_run(tmp_path)
+    checks = results["checks"]
+    assert all(d["ok"] and d["tokens"] == 64 for d in checks["decoding"].values())
+    assert checks["compiled"]["ok"] and checks["attention_2T"]["ok"]
+    assert len(checks["attention_2T"]["kernels"]) == 4
+    expected = {(n, labels) for n in GPU_CONFIGS for labels in
+                (("cached", "online") if n.startswith("cocomix") else (None,))}
+    rows = {(w["config"], w["labels"]): w for w in results["rows"]}
+    assert set(rows) == expected and len(results["rows"]) == len(expected) and results["not_run"] == []
+    for (name, labels), w in rows.items():
+        assert set(w["attention"]) == ({"32"} if name.startswith(("ntp", "kd")) else {"32", "64"})
+        assert w["estimate_gib"] > 0 and w["tokens_s"] == pytest.approx(2 * 32 / w["step_s"])
+        ntp = rows[("ntp_" + name.split("_")[1], None)]
+        if w is not ntp:
+            line = re.search(rf"\| {name} \| {labels or '-'} \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|", page)
+            assert float(line[1]) == pytest.approx(w["step_s"] / ntp["step_s"], abs=0.006)
+            assert float(line[2]) == pytest.approx(w["flops"] / ntp["flops"], abs=0.006)
+    assert "| NO |" not in page and page.count("| yes |") == 5
+
+
+def test_the_gpu_checklist_starts_no_config_past_its_budget(tmp_path):
+    results, page = gpu_dry_run(tmp_path, "--budget_s=0")
+    assert results["rows"] == [] and len(results["not_run"]) == 11 and "Not run (past budget_s)" in page
+    assert all(d["ok"] for d in results["checks"]["decoding"].values())
+
+
+def test_the_decoding_check_finds_a_cache_that_forgets(monkeypatch):
+    """bench.check_decoding holds a KV cache to recomputation: one that keeps only each call's own keys and values
+    (every later token attending to itself alone) decodes tokens the recomputation does not."""
+    c = dry_run_shapes(config_of("cocomix_69m"))
+    autocast = torch.autocast("cpu", torch.bfloat16)
+    assert check_decoding(c, "cpu", autocast)["ok"]
+    update = KVCache.update
+
+    def forgetful(self, layer, k, v):
+        keys, values, _ = update(self, layer, k, v)
+        return keys[:, :, -k.size(2):], values[:, :, -k.size(2):], 0
+
+    monkeypatch.setattr(KVCache, "update", forgetful)
+    broken = check_decoding(c, "cpu", autocast)
+    assert not broken["ok"] and broken["differ"] > 10
