@@ -8,7 +8,7 @@ import re
 from conftest import ROOT
 
 # the tooling runs, measures and reports the method; the method never imports it
-TOOLING = {"pipeline", "report", "concepts", "steering", "bench"}
+TOOLING = {"pipeline", "report", "concepts", "steering", "bench", "transport"}
 
 
 def project_imports():
