@@ -26,6 +26,7 @@ import tempfile
 import time
 import weakref
 import zlib
+from contextlib import contextmanager
 from functools import partial
 from importlib.metadata import version as package_version
 from types import SimpleNamespace
@@ -615,6 +616,19 @@ def free_memory(dev):
         torch.cuda.reset_peak_memory_stats(dev)
 
 
+@contextmanager
+def failures_kept(results, what, dev):
+    """Runs a stage of bench_gpu; an error (out of memory, a compiler's) is written down, not raised, and the
+    next stage runs: a lent GPU is seldom lent twice."""
+    try:
+        yield
+    except Exception as e:
+        message = (str(e).strip().splitlines() or [""])[0][:300]
+        results["failed"].append(f"{what}: {type(e).__name__}: {message}")
+        print(f"{what} FAILED: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
+        free_memory(dev)
+
+
 def bench_gpu():
     """The GPU checklist in one process, its results (gpu.md, gpu.json) rewritten in out_dir after each stage:
     cached decoding against recomputation; compiled against eager (cocomix_69m, 10 steps); then each of
@@ -629,7 +643,7 @@ def bench_gpu():
     results = {"device": torch.cuda.get_device_name(device) if on_gpu else "cpu (a dry run)",
                "torch": torch.__version__, "transformers": package_version("transformers"), "dtype": dtype,
                "compiler": "inductor" if on_gpu else "aot_eager (traces only)", "timed_steps": iters,
-               "checks": {}, "rows": [], "not_run": []}
+               "checks": {}, "rows": [], "not_run": [], "failed": []}
     os.makedirs(out_dir, exist_ok=True)
 
     def save():
@@ -641,42 +655,46 @@ def bench_gpu():
         c = config_of(name)
         return c if on_gpu else dry_run_shapes(c)
 
-    results["checks"]["decoding"] = {n: check_decoding(config(n), device, autocast)
-                                     for n in ("ntp_69m", "cocomix_69m", "pause_69m")}
+    for n in ("ntp_69m", "cocomix_69m", "pause_69m"):
+        with failures_kept(results, f"decoding {n}", device):
+            results["checks"].setdefault("decoding", {})[n] = check_decoding(config(n), device, autocast)
     save()
     for name in GPU_CONFIGS:
         c = config(name)
         student = None
         for labels in ("cached", "online") if c["objective"] == "cocomix" else (None,):
+            what = name + (f" ({labels} labels)" if labels else "")
             if time.time() - start > budget_s:
-                results["not_run"].append(f"{name}" + (f" ({labels} labels)" if labels else ""))
+                results["not_run"].append(what)
                 continue
             if student is None:
                 free_memory(device)
             elif on_gpu:
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.time()
-            if name == "cocomix_69m" and labels == "cached":
-                # the compile check: eager and compiled from the same weights on the same batch, 10 steps each
-                eager = build(c, labels, device, autocast, c["batch_size"])
-                eager_losses = [eager.step().item() for _ in range(10)]
-                del eager
-                free_memory(device)
+            with failures_kept(results, what, device):
                 t0 = time.time()
-                run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape)
-                losses = [run.step().item() for _ in range(10)]
-                worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
-                results["checks"]["compiled"] = {"config": name, "eager": eager_losses, "compiled": losses,
-                                                 "largest_relative_difference": worst, "ok": worst <= COMPILE_RTOL}
-            else:
-                run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape, student)
-                for _ in range(WARMUP):
-                    run.step()
-            results["rows"].append(gpu_row(name, c, labels, run, device, time.time() - t0, teacher_shape))
-            print(f"{name}{f' ({labels} labels)' if labels else ''}: {results['rows'][-1]['tokens_s']:,.0f} tokens/s",
-                  flush=True)
-            student = run
-            del run
+                if name == "cocomix_69m" and labels == "cached":
+                    # the compile check: eager and compiled from the same weights on the same batch, 10 steps each
+                    eager = build(c, labels, device, autocast, c["batch_size"])
+                    eager_losses = [eager.step().item() for _ in range(10)]
+                    del eager
+                    free_memory(device)
+                    t0 = time.time()
+                    run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape)
+                    losses = [run.step().item() for _ in range(10)]
+                    worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
+                    results["checks"]["compiled"] = {"config": name, "eager": eager_losses, "compiled": losses,
+                                                     "largest_relative_difference": worst,
+                                                     "ok": worst <= COMPILE_RTOL}
+                else:
+                    run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape, student)
+                    for _ in range(WARMUP):
+                        run.step()
+                results["rows"].append(gpu_row(name, c, labels, run, device, time.time() - t0, teacher_shape))
+                print(f"{what}: {results['rows'][-1]['tokens_s']:,.0f} tokens/s, {time.time() - start:.0f} s in",
+                      flush=True)
+                student = run
+                del run
             save()
     # the attention after an interleave runs on 2T positions: it must not fall back to the math kernel
     interleaved = {r["config"]: r["attention"].get(str(2 * config(r["config"])["block_size"]), [])
@@ -719,6 +737,8 @@ def gpu_markdown(r):
                      f"{w['peak_gib']:.2f} | {w['estimate_gib']:.2f} | {w['first_s']:.1f} | {attention} |")
     if r["not_run"]:
         lines += ["", f"Not run (past budget_s): {', '.join(r['not_run'])}."]
+    if r["failed"]:
+        lines += ["", "Failed:", ""] + [f"- {f}" for f in r["failed"]]
     lines += ["", "## Against NTP", "",
               "Per token, each row's step time over its NTP twin's, beside the ratio of their FLOPs per token (the "
               "floor: a step exactly as much dearer as its arithmetic is 1.00 x floor).", "",

@@ -11,7 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from attribution import ConceptLabeler
-from bench import GPU_CONFIGS, LiveBytes, check_decoding, config_of, dry_run_shapes
+from bench import (GPU_CONFIGS, LiveBytes, check_decoding, config_of, dry_run_shapes, failures_kept,
+                   gpu_markdown)
 from conftest import AVX2_ONLY, run
 from model import GPT, GPTConfig, KVCache
 from pipeline import PINS
@@ -175,7 +176,8 @@ def test_the_gpu_checklist_dry_runs_on_a_cpu(tmp_path):
     expected = {(n, labels) for n in GPU_CONFIGS for labels in
                 (("cached", "online") if n.startswith("cocomix") else (None,))}
     rows = {(w["config"], w["labels"]): w for w in results["rows"]}
-    assert set(rows) == expected and len(results["rows"]) == len(expected) and results["not_run"] == []
+    assert set(rows) == expected and len(results["rows"]) == len(expected)
+    assert results["not_run"] == [] and results["failed"] == []
     for (name, labels), w in rows.items():
         assert set(w["attention"]) == ({"32"} if name.startswith(("ntp", "kd")) else {"32", "64"})
         assert w["estimate_gib"] > 0 and w["tokens_s"] == pytest.approx(2 * 32 / w["step_s"])
@@ -208,3 +210,16 @@ def test_the_decoding_check_finds_a_cache_that_forgets(monkeypatch):
     monkeypatch.setattr(KVCache, "update", forgetful)
     broken = check_decoding(c, "cpu", autocast)
     assert not broken["ok"] and broken["differ"] > 10
+
+
+def test_a_failing_gpu_stage_is_written_down_and_the_next_runs():
+    results = {"checks": {}, "rows": [], "not_run": [], "failed": [], "device": "x", "torch": "x",
+               "transformers": "x", "dtype": "x", "compiler": "x", "timed_steps": 1, "seconds": 1.0}
+    with failures_kept(results, "cocomix_1b (online labels)", "cpu"):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\nsecond line")
+    ran = []
+    with failures_kept(results, "kd_69m", "cpu"):
+        ran.append(True)
+    assert ran and results["failed"] == ["cocomix_1b (online labels): RuntimeError: CUDA out of memory. Tried to "
+                                         "allocate 2.00 GiB"]
+    assert "- cocomix_1b (online labels): RuntimeError: CUDA out of memory" in gpu_markdown(results)
