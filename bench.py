@@ -59,7 +59,7 @@ chunk_size = 1024  # labeler: positions scored at once
 label_dtype = "float32"  # the online labeler's precision (labeler: measured beside float32, whose labels it is held to)
 batch_size = 8  # sequences per step or call (memory, gpu: each config's own)
 block_size = 1024  # tokens per sequence
-iters = 3  # timed steps or calls after the warm-up (gpu: the checklist takes 20)
+iters = 3  # timed steps or calls after the warm-up (gpu: pass 20, the checklist's)
 device = "auto"  # 'auto', 'cpu', 'cuda'
 dtype = "auto"  # precision: 'auto', 'float32', 'bfloat16', 'float16' (memory on a CPU: estimated for bfloat16)
 compile = False  # train, memory: torch.compile the student (CUDA; gpu always compiles)
@@ -149,6 +149,13 @@ def config_of(name):
     return {**c, "block_size": block_size}
 
 
+def student_model(c):
+    """The model of train.py's settings `c` (config_of), GPT-2's vocabulary, random weights, on torch's current
+    device."""
+    return GPT(GPTConfig(block_size=c["block_size"], vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
+                         n_embd=c["n_embd"], **objective_args(c)))
+
+
 def build(c, labels, dev, autocast, batch, compiler=None, teacher_shape=TEACHERS["gpt2-124m"], student=None):
     """A training step of train.py's settings `c` (config_of) at `batch` x c["block_size"] tokens, as train.py
     takes it: CoCoMix's labels `labels` 'cached' (random) or 'online' (a teacher of `teacher_shape` with random
@@ -161,8 +168,7 @@ def build(c, labels, dev, autocast, batch, compiler=None, teacher_shape=TEACHERS
         torch.manual_seed(0)
         # made on the device: fake tensors cannot move
         with torch.device(dev):
-            model = GPT(GPTConfig(block_size=T, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
-                                  n_embd=c["n_embd"], **objective_args(c)))
+            model = student_model(c)
         optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95))
         compiled = compiler(model) if compiler else model
     else:
@@ -353,15 +359,9 @@ def bench_memory():
             else:
                 peak = estimate_peak(c, labels, c["batch_size"])
             # DDP keeps a bucketed copy of the fp32 gradients
-            ddp = 4 * sum(q.numel() for q in meta_model(c).parameters())
+            with torch.device("meta"):
+                ddp = 4 * sum(q.numel() for q in student_model(c).parameters())
             print(f"  {name:<13} {c['batch_size']:>10} {peak / 2**30:9.1f} {(peak + ddp) / 2**30:14.1f}")
-
-
-def meta_model(c):
-    """The model of train.py's settings `c`, without storage."""
-    with torch.device("meta"):
-        return GPT(GPTConfig(block_size=c["block_size"], n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                             **objective_args(c)))
 
 
 class OperatorHashes(TorchDispatchMode):
@@ -569,8 +569,7 @@ def check_decoding(c, dev, autocast):
     T = c["block_size"]
     torch.manual_seed(0)
     with torch.device(dev):
-        model = GPT(GPTConfig(block_size=T, vocab_size=50257, n_layer=c["n_layer"], n_head=c["n_head"],
-                              n_embd=c["n_embd"], **objective_args(c))).eval()
+        model = student_model(c).eval()
     prompt = torch.randint(0, 50257, (4, min(T // 4, 64)), device=dev)
     with autocast, torch.no_grad():
         seq = model.generate(prompt, min(T // 2, 128), temperature=0)
@@ -602,8 +601,41 @@ def gpu_row(name, c, labels, run, dev, first_s, teacher_shape):
     return {"config": name, "labels": labels, "batch_size": c["batch_size"], "params": run.model.get_num_params(),
             "flops": run.flops, "student_flops": run.model.flops_per_token(), "step_s": step_s, "tokens_s": tokens_s,
             "mfu": run.flops * tokens_s / top if top else None, "peak_gib": peak / 2**30,
-            "estimate_gib": estimate_peak(c, labels, c["batch_size"], teacher_shape) / 2**30,
+            "estimate_gib": estimate_gib(c, labels, teacher_shape),
             "first_s": first_s, "attention": {str(t): k for t, k in attention_kernels(run.step).items()}}
+
+
+def estimate_gib(c, labels, teacher_shape):
+    """estimate_peak in GiB, or None where it fails: the measured row stands without it."""
+    try:
+        return estimate_peak(c, labels, c["batch_size"], teacher_shape) / 2**30
+    except Exception as e:
+        print(f"a memory estimate failed: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
+
+
+def gpu_stage(results, name, c, labels, student, compiler, teacher_shape):
+    """One row of bench_gpu, built on `student` where given (CoCoMix's online labels on the cached row's compiled
+    model); cocomix_69m's cached row is first the compile check. Returns the build."""
+    t0 = time.time()
+    if name == "cocomix_69m" and labels == "cached":
+        # eager and compiled from the same weights on the same batch, 10 steps each
+        eager = build(c, labels, device, autocast, c["batch_size"])
+        eager_losses = [eager.step().item() for _ in range(10)]
+        del eager
+        free_memory(device)
+        t0 = time.time()
+        run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape)
+        losses = [run.step().item() for _ in range(10)]
+        worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
+        results["checks"]["compiled"] = {"config": name, "eager": eager_losses, "compiled": losses,
+                                         "largest_relative_difference": worst, "ok": worst <= COMPILE_RTOL}
+    else:
+        run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape, student)
+        for _ in range(WARMUP):
+            run.step()
+    results["rows"].append(gpu_row(name, c, labels, run, device, time.time() - t0, teacher_shape))
+    return run
 
 
 def free_memory(dev):
@@ -617,16 +649,16 @@ def free_memory(dev):
 
 
 @contextmanager
-def failures_kept(results, what, dev):
+def failures_kept(results, what):
     """Runs a stage of bench_gpu; an error (out of memory, a compiler's) is written down, not raised, and the
-    next stage runs: a lent GPU is seldom lent twice."""
+    next stage runs: a lent GPU is seldom lent twice. The next stage frees the memory the failed one held, once its
+    traceback is gone."""
     try:
         yield
     except Exception as e:
         message = (str(e).strip().splitlines() or [""])[0][:300]
         results["failed"].append(f"{what}: {type(e).__name__}: {message}")
         print(f"{what} FAILED: {type(e).__name__}: {message}", file=sys.stderr, flush=True)
-        free_memory(dev)
 
 
 def bench_gpu():
@@ -656,7 +688,7 @@ def bench_gpu():
         return c if on_gpu else dry_run_shapes(c)
 
     for n in ("ntp_69m", "cocomix_69m", "pause_69m"):
-        with failures_kept(results, f"decoding {n}", device):
+        with failures_kept(results, f"decoding {n}"):
             results["checks"].setdefault("decoding", {})[n] = check_decoding(config(n), device, autocast)
     save()
     for name in GPU_CONFIGS:
@@ -671,33 +703,17 @@ def bench_gpu():
                 free_memory(device)
             elif on_gpu:
                 torch.cuda.reset_peak_memory_stats(device)
-            with failures_kept(results, what, device):
-                t0 = time.time()
-                if name == "cocomix_69m" and labels == "cached":
-                    # the compile check: eager and compiled from the same weights on the same batch, 10 steps each
-                    eager = build(c, labels, device, autocast, c["batch_size"])
-                    eager_losses = [eager.step().item() for _ in range(10)]
-                    del eager
-                    free_memory(device)
-                    t0 = time.time()
-                    run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape)
-                    losses = [run.step().item() for _ in range(10)]
-                    worst = max(abs(a - b) / abs(a) for a, b in zip(eager_losses, losses))
-                    results["checks"]["compiled"] = {"config": name, "eager": eager_losses, "compiled": losses,
-                                                     "largest_relative_difference": worst,
-                                                     "ok": worst <= COMPILE_RTOL}
-                else:
-                    run = build(c, labels, device, autocast, c["batch_size"], compiler, teacher_shape, student)
-                    for _ in range(WARMUP):
-                        run.step()
-                results["rows"].append(gpu_row(name, c, labels, run, device, time.time() - t0, teacher_shape))
+            run = None
+            with failures_kept(results, what):
+                run = gpu_stage(results, name, c, labels, student, compiler, teacher_shape)
                 print(f"{what}: {results['rows'][-1]['tokens_s']:,.0f} tokens/s, {time.time() - start:.0f} s in",
                       flush=True)
-                student = run
-                del run
+            student = run
             save()
     # the attention after an interleave runs on 2T positions: it must not fall back to the math kernel
-    interleaved = {r["config"]: r["attention"].get(str(2 * config(r["config"])["block_size"]), [])
+    # (under torch.compile the math path is decomposed into plain products: no SDPA kernel is seen at all)
+    interleaved = {r["config"] + (f" ({r['labels']})" if r["labels"] else ""):
+                   r["attention"].get(str(2 * config(r["config"])["block_size"]), [])
                    for r in results["rows"] if config(r["config"])["objective"] in ("cocomix", "pause")}
     results["checks"]["attention_2T"] = {"kernels": interleaved, "ok": bool(interleaved) and all(
         k and not any("math" in n for n in k) for k in interleaved.values())}
@@ -720,10 +736,12 @@ def gpu_markdown(r):
     if "compiled" in r["checks"]:
         d = r["checks"]["compiled"]
         lines.append(f"| compiled = eager, {d['config']} (cached labels), 10 steps | largest relative loss difference "
-                     f"{d['largest_relative_difference']:.2e} (at most {COMPILE_RTOL:g}) | {'yes' if d['ok'] else 'NO'} |")
+                     f"{d['largest_relative_difference']:.2e} (at most {COMPILE_RTOL:g}) | "
+                     f"{'yes' if d['ok'] else 'NO'} |")
     if "attention_2T" in r["checks"]:
         d = r["checks"]["attention_2T"]
-        kernels = "; ".join(f"{n}: {', '.join(k) or 'none seen'}" for n, k in d["kernels"].items())
+        kernels = "; ".join(f"{n}: {', '.join(k) or 'none seen (math, decomposed)'}"
+                            for n, k in d["kernels"].items())
         lines.append(f"| SDPA kernel of the 2T interleaved attention (not math) | {kernels} | "
                      f"{'yes' if d['ok'] else 'NO'} |")
     lines += ["", "## Configs", "",
@@ -732,9 +750,10 @@ def gpu_markdown(r):
     for w in r["rows"]:
         mfu = f"{100 * w['mfu']:.1f}%" if w["mfu"] is not None else "-"
         attention = "; ".join(f"{t}: {', '.join(k)}" for t, k in w["attention"].items())
+        estimate = f"{w['estimate_gib']:.2f}" if w["estimate_gib"] is not None else "-"
         lines.append(f"| {w['config']} | {w['labels'] or '-'} | {w['batch_size']} | {w['params'] / 1e6:.1f}M | "
                      f"{w['flops'] / 1e9:.3f} | {w['step_s']:.4f} | {w['tokens_s']:,.0f} | {mfu} | "
-                     f"{w['peak_gib']:.2f} | {w['estimate_gib']:.2f} | {w['first_s']:.1f} | {attention} |")
+                     f"{w['peak_gib']:.2f} | {estimate} | {w['first_s']:.1f} | {attention} |")
     if r["not_run"]:
         lines += ["", f"Not run (past budget_s): {', '.join(r['not_run'])}."]
     if r["failed"]:
