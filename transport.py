@@ -72,8 +72,6 @@ def gguf_package():
 
 
 def pack(args):
-    _, folder, name = locate("smollm2")
-    source = os.path.join(folder, name)
     for path in [args.to, *args.also]:
         if git("check-ignore", "-q", os.path.abspath(path)).returncode != 0:
             raise SystemExit(f"error: {path} must lie in the project and be ignored by git: a call carries only "
@@ -81,6 +79,8 @@ def pack(args):
     for path in args.also:
         if not os.path.exists(path):
             raise SystemExit(f"error: --also {path}: no such file or folder")
+    _, folder, name = locate("smollm2")
+    source = os.path.join(folder, name)
     package = gguf_package()
     total, tree = os.path.getsize(source), tree_bytes()
     room = args.limit_mib * MIB - tree - MARGIN
