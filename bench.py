@@ -651,8 +651,8 @@ def free_memory(dev):
 @contextmanager
 def failures_kept(results, what):
     """Runs a stage of bench_gpu; an error (out of memory, a compiler's) is written down, not raised, and the
-    next stage runs: a lent GPU is seldom lent twice. The next stage frees the memory the failed one held, once its
-    traceback is gone."""
+    next stage runs: one failure on a GPU machine must not cost the rest. The next stage frees the memory the
+    failed one held, once its traceback is gone."""
     try:
         yield
     except Exception as e:

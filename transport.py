@@ -1,6 +1,6 @@
 """
-SmolLM2 onto an offline GPU machine whose every transfer takes at most `--limit_mib` (a lent machine's 64 MiB,
-the project's own files counted in) while the SmolLM2 file is 98 MB: the file in parts, one a transfer, joined
+SmolLM2 onto an offline GPU machine whose every transfer takes at most `--limit_mib` (64 MiB by default, the
+project's own files counted in) while the SmolLM2 file is 98 MB: the file in parts, one a transfer, joined
 and checked there, with the gguf package transformers reads it with (the machine has transformers, not gguf).
 
     python transport.py pack --also data/books28-smollm2   # here: .transport/1, 2, ...; prints what each call carries
